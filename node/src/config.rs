@@ -1,0 +1,143 @@
+//! Command line and environment.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// eni-manager: the aws-multi-eni node daemon.
+///
+/// Configures, on its own node, the ENIs the controller attached to it (as listed in the
+/// NodeENI status): finds each interface by MAC address, brings it up and sets its MTU,
+/// binds DPDK ENIs to a userspace-I/O driver, and reports what it did in
+/// `status.nodeReports` of each NodeENI. It reacts to netlink link events, so a
+/// hot-plugged ENI is configured within a second, and resyncs periodically.
+///
+/// Every flag can also be set through the environment variable shown with it.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "eni-manager", version, about, long_about)]
+pub struct Config {
+    /// Name of the Kubernetes Node this daemon runs on (from the downward API).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+
+    /// Root of the sysfs tree (PCI devices, drivers). Tests point it at a fake tree.
+    #[arg(long, env = "ENI_MANAGER_SYSFS_ROOT", default_value = "/sys")]
+    pub sysfs_root: PathBuf,
+
+    /// Directory of the state file `enis.json` (read by cni-helper; keeps MAC <-> PCI
+    /// for DPDK-bound devices across restarts). Should be on a tmpfs such as /run.
+    #[arg(
+        long,
+        env = "ENI_MANAGER_STATE_DIR",
+        default_value = "/run/aws-multi-eni"
+    )]
+    pub state_dir: PathBuf,
+
+    /// MTU for ENIs whose NodeENI sets none.
+    #[arg(long, env = "ENI_MANAGER_DEFAULT_MTU", default_value_t = 9001,
+          value_parser = clap::value_parser!(u32).range(576..=9001))]
+    pub default_mtu: u32,
+
+    /// Also make the ENI at device index N reachable as `eth<N>`, as an alternative
+    /// interface name (Linux >= 5.5). An altname rather than a rename: renaming needs
+    /// the link down (a flap), races udev's predictable naming, and breaks whatever
+    /// already uses the kernel name; an altname adds `eth<N>` for tools and NADs
+    /// (`master: eth2`) while `ens7` keeps working.
+    #[arg(long, env = "ENI_MANAGER_STABLE_NAMES", default_value_t = false,
+          action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
+          value_parser = clap::builder::FalseyValueParser::new())]
+    pub stable_names: bool,
+
+    /// Operate netlink inside this network namespace (e.g. /var/run/netns/node1) while
+    /// the daemon itself stays in its own namespace. For tests and the local demo.
+    #[arg(long, env = "ENI_MANAGER_NETNS")]
+    pub netns: Option<PathBuf>,
+
+    /// Full resync period, a safety net behind the watch and netlink events
+    /// (e.g. 30s, 5m).
+    #[arg(long, env = "ENI_MANAGER_RESYNC_PERIOD", default_value = "5m",
+          value_parser = humantime::parse_duration)]
+    pub resync_period: Duration,
+
+    /// Address of the /healthz, /readyz and /metrics endpoints.
+    #[arg(long, env = "ENI_MANAGER_METRICS_ADDR", default_value = "0.0.0.0:9101")]
+    pub metrics_addr: SocketAddr,
+
+    /// Log format.
+    #[arg(long, env = "ENI_MANAGER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Allow binding PCI devices that are not Amazon ENAs (vendor 0x1d0f) for DPDK.
+    /// Without it a wrong dpdkPCIAddress cannot steal the primary NIC or a disk.
+    #[arg(long, env = "ENI_MANAGER_FORCE_NON_ENA", default_value_t = false,
+          action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
+          value_parser = clap::builder::FalseyValueParser::new())]
+    pub force_non_ena: bool,
+
+    /// Test/demo only: --sysfs-root is a fake tree; simulate the kernel's side of
+    /// unbind and drivers_probe on it.
+    #[arg(long, env = "ENI_MANAGER_SIMULATE_PCI_KERNEL", hide = true, default_value_t = false,
+          action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
+          value_parser = clap::builder::FalseyValueParser::new())]
+    pub simulate_pci_kernel: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent_and_every_flag_has_an_env_var() {
+        Config::command().debug_assert();
+        for arg in Config::command().get_arguments() {
+            let id = arg.get_id().as_str();
+            if id == "help" || id == "version" {
+                continue;
+            }
+            assert!(arg.get_env().is_some(), "--{id} has no env var");
+        }
+    }
+
+    #[test]
+    fn defaults_and_parsing() {
+        let c = Config::try_parse_from(["eni-manager", "--node-name", "n1"]).expect("parses");
+        assert_eq!(c.sysfs_root, PathBuf::from("/sys"));
+        assert_eq!(c.state_dir, PathBuf::from("/run/aws-multi-eni"));
+        assert_eq!(c.default_mtu, 9001);
+        assert_eq!(c.resync_period, Duration::from_secs(300));
+        assert!(!c.stable_names && !c.force_non_ena);
+        let c = Config::try_parse_from([
+            "eni-manager",
+            "--node-name",
+            "n1",
+            "--stable-names",
+            "--resync-period",
+            "30s",
+            "--log-format",
+            "json",
+            "--default-mtu",
+            "1500",
+        ])
+        .expect("parses");
+        assert!(c.stable_names);
+        assert_eq!(c.resync_period, Duration::from_secs(30));
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.default_mtu, 1500);
+        assert!(
+            Config::try_parse_from(["eni-manager", "--node-name", "n", "--default-mtu", "100"])
+                .is_err()
+        );
+    }
+}

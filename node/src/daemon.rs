@@ -1,0 +1,450 @@
+//! The reconcile loop: observe -> [`plan::plan`] -> execute, on every NodeENI change,
+//! every netlink link event, and every `--resync-period`.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use eni_api::{InterfaceReport, NodeENI};
+use eni_deviceplugin::BoundDevice;
+use futures::{Stream, StreamExt};
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::{Api, Client};
+use tokio::sync::{Notify, watch};
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::error::Result;
+use crate::metrics::Metrics;
+use crate::netlink::{LinkEvent, Netlink};
+use crate::plan::{self, Action, Desired, EniPlan, Observed};
+use crate::state::{self, EniState, StateFile};
+use crate::sysfs::{self, Binder};
+
+/// Delay before retrying a failed report write.
+const REPORT_RETRY: Duration = Duration::from_secs(2);
+
+/// Settings of the daemon (from the command line).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// This node's name.
+    pub node: String,
+    /// Directory of `enis.json`.
+    pub state_dir: PathBuf,
+    /// MTU when the NodeENI sets none.
+    pub default_mtu: u32,
+    /// Add `eth<N>` alternative names.
+    pub stable_names: bool,
+}
+
+/// The node daemon's reconciler.
+#[derive(Debug)]
+pub struct Daemon {
+    settings: Settings,
+    netlink: Netlink,
+    binder: Binder,
+    state_path: PathBuf,
+    state: StateFile,
+    bound_tx: watch::Sender<Vec<BoundDevice>>,
+    metrics: Metrics,
+}
+
+/// What one reconcile did.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    /// Per NodeENI name, the report for this node.
+    pub reports: BTreeMap<String, Vec<InterfaceReport>>,
+    /// ENIs configured.
+    pub configured: usize,
+    /// ENIs with a problem.
+    pub failed: usize,
+}
+
+impl Daemon {
+    /// A daemon; reads the state file left by a previous run (an unreadable one is
+    /// logged and ignored: the devices it listed are then found again by MAC when they
+    /// still have a netdev).
+    pub fn new(
+        settings: Settings,
+        netlink: Netlink,
+        binder: Binder,
+        bound_tx: watch::Sender<Vec<BoundDevice>>,
+        metrics: Metrics,
+    ) -> Self {
+        let state_path = state::path(&settings.state_dir);
+        let state = match state::load(&state_path) {
+            Ok(Some(s)) if s.version == state::VERSION => s,
+            Ok(Some(s)) => {
+                warn!(
+                    version = s.version,
+                    "state file has an unknown version; starting afresh"
+                );
+                StateFile::empty(&settings.node)
+            }
+            Ok(None) => StateFile::empty(&settings.node),
+            Err(e) => {
+                error!(error = %e, "cannot read the state file; starting afresh");
+                StateFile::empty(&settings.node)
+            }
+        };
+        let daemon = Self {
+            state_path,
+            state,
+            settings,
+            netlink,
+            binder,
+            bound_tx,
+            metrics,
+        };
+        daemon.publish_bound();
+        daemon
+    }
+
+    /// The state as last written.
+    pub fn state(&self) -> &StateFile {
+        &self.state
+    }
+
+    fn publish_bound(&self) {
+        let mut devices: Vec<BoundDevice> = self
+            .state
+            .enis
+            .iter()
+            .filter(|e| e.dpdk_bound)
+            .filter_map(|e| {
+                Some(BoundDevice {
+                    pci_address: e.pci_address.clone()?,
+                    resource_name: e.resource_name.clone()?,
+                    driver: e.driver.clone()?,
+                    eni_id: e.eni_id.clone(),
+                    mac_address: e.mac_address.clone(),
+                    device_index: e.device_index,
+                })
+            })
+            .collect();
+        devices.sort();
+        self.bound_tx.send_if_modified(|cur| {
+            if *cur == devices {
+                false
+            } else {
+                *cur = devices;
+                true
+            }
+        });
+    }
+
+    fn save_state(&mut self, mut enis: Vec<EniState>) {
+        enis.sort_by(|a, b| {
+            (a.device_index, &a.mac_address).cmp(&(b.device_index, &b.mac_address))
+        });
+        enis.dedup();
+        let next = StateFile {
+            version: state::VERSION,
+            node: self.settings.node.clone(),
+            enis,
+        };
+        if next == self.state && self.state_path.exists() {
+            return;
+        }
+        match state::save(&self.state_path, &next) {
+            Ok(()) => {
+                debug!(path = %self.state_path.display(), "state file written");
+                self.state = next;
+            }
+            Err(e) => {
+                self.metrics.errors.inc();
+                error!(error = %e, "cannot write the state file");
+            }
+        }
+    }
+
+    async fn observe(&self, desired: &[Desired]) -> Result<Observed> {
+        let sys = self.binder.sysfs();
+        let mut links = self.netlink.links().await?;
+        for l in &mut links {
+            l.pci_address = sysfs::netdev_pci_address(sys, &l.name);
+        }
+        let previous = self.state.enis.clone();
+        let pci = Observed::pci_candidates(desired, &links, &previous)
+            .into_iter()
+            .map(|a| {
+                let info = self.binder.inspect(&a).map_err(|e| e.to_string());
+                (a, info)
+            })
+            .collect();
+        Ok(Observed {
+            links,
+            pci,
+            previous,
+        })
+    }
+
+    /// One reconcile for `desired` (this node's attachments).
+    pub async fn reconcile(&mut self, desired: &[Desired]) -> Result<Outcome> {
+        let started = Instant::now();
+        self.metrics.reconciles.inc();
+        let observed = self.observe(desired).await?;
+        let plan = plan::plan(
+            desired,
+            &observed,
+            plan::Options {
+                stable_names: self.settings.stable_names,
+            },
+        );
+
+        // Record MAC <-> PCI <-> device index before any unbind: the netdev (and with it
+        // the only place the kernel shows the MAC) disappears once the device is bound.
+        let binding = plan
+            .enis
+            .iter()
+            .any(|p| p.actions.iter().any(|a| matches!(a, Action::Bind { .. })));
+        if binding {
+            let mut pre: Vec<EniState> = plan
+                .enis
+                .iter()
+                .filter_map(|p| {
+                    let bound_now = p.wants_bound() && p.actions.is_empty();
+                    p.entry(bound_now)
+                })
+                .collect();
+            pre.extend(plan.releases.iter().map(|r| r.entry.clone()));
+            self.save_state(pre);
+        }
+
+        let mut outcome = Outcome::default();
+        let mut entries = Vec::new();
+        for p in &plan.enis {
+            let (report, entry) = self.execute(p).await;
+            if report.error.is_none() {
+                outcome.configured += 1;
+            } else {
+                outcome.failed += 1;
+            }
+            entries.extend(entry);
+            outcome
+                .reports
+                .entry(p.desired.node_eni.clone())
+                .or_default()
+                .push(report);
+        }
+        for r in &plan.releases {
+            let pci = r.entry.pci_address.as_deref().unwrap_or_default();
+            let span = info_span!("release", pci, eni = %r.entry.eni_id);
+            let _g = span.enter();
+            match self.binder.release(pci, &r.dpdk_driver) {
+                Ok(o) => {
+                    self.metrics.releases.inc();
+                    info!(driver = ?o.info.driver, "device given back to its kernel driver");
+                }
+                Err(e) => {
+                    self.metrics.errors.inc();
+                    error!(error = %e, "cannot give the device back");
+                    entries.push(r.entry.clone());
+                }
+            }
+        }
+        self.save_state(entries);
+        self.publish_bound();
+        self.metrics
+            .interfaces_configured
+            .set(outcome.configured as i64);
+        self.metrics.interfaces_failed.set(outcome.failed as i64);
+        self.metrics
+            .reconcile_seconds
+            .observe(started.elapsed().as_secs_f64());
+        Ok(outcome)
+    }
+
+    /// Carries out one ENI's plan; returns its report and state entry.
+    async fn execute(&self, p: &EniPlan) -> (InterfaceReport, Option<EniState>) {
+        let d = &p.desired;
+        let span = info_span!("eni", eni = %d.eni_id, mac = %d.mac, index = d.device_index);
+        async {
+            let mut report = InterfaceReport {
+                eni_id: d.eni_id.clone(),
+                mac_address: d.mac.clone(),
+                device_index: d.device_index,
+                interface_name: p.link.as_ref().map(|l| l.name.clone()),
+                up: p.link.as_ref().is_some_and(|l| l.up),
+                mtu: p.link.as_ref().and_then(|l| i32::try_from(l.mtu).ok()),
+                pci_address: p.pci.clone(),
+                driver: p.pci_info.as_ref().and_then(|i| i.driver.clone()),
+                device_name: p.pci_info.as_ref().map(sysfs::PciInfo::device_name),
+                dpdk_bound: false,
+                resource_name: d.dpdk.as_ref().map(|w| w.resource_name.clone()),
+                error: p.problem.clone(),
+            };
+            let mut bound = p.wants_bound() && p.actions.is_empty();
+            for a in &p.actions {
+                let res = match a {
+                    Action::SetMtu { index, mtu } => {
+                        self.netlink.set_mtu(*index, *mtu).await.map(|()| {
+                            report.mtu = i32::try_from(*mtu).ok();
+                            info!(mtu, "MTU set");
+                        })
+                    }
+                    Action::SetUp { index } => self.netlink.set_up(*index).await.map(|()| {
+                        report.up = true;
+                        info!("interface up");
+                    }),
+                    Action::AddAltName { index, alt } => {
+                        self.netlink.add_alt_name(*index, alt).await.map(|()| {
+                            info!(alt, "alternative name added");
+                        })
+                    }
+                    Action::Bind { pci, driver } => {
+                        let info = self.binder.bind(pci, driver);
+                        info.map(|o| {
+                            if o.changed {
+                                self.metrics.binds.inc();
+                            }
+                            info!(
+                                pci,
+                                driver,
+                                device = %o.info.device_name(),
+                                vfio_group = ?o.info.vfio_group_device(),
+                                "device bound for DPDK"
+                            );
+                            report.driver = o.info.driver.clone();
+                            bound = true;
+                        })
+                    }
+                };
+                if let Err(e) = res {
+                    self.metrics.errors.inc();
+                    error!(action = ?a, error = %e, "action failed");
+                    report.error = Some(e.to_string());
+                    break;
+                }
+                if !matches!(a, Action::Bind { .. }) {
+                    self.metrics.link_changes.inc();
+                }
+            }
+            if p.problem.is_some() {
+                debug!(problem = ?p.problem, "not fully configured");
+            }
+            let entry = if bound {
+                report.dpdk_bound = true;
+                report.interface_name = None;
+                report.up = false;
+                report.mtu = None;
+                p.entry(true)
+            } else {
+                let mut e = p.entry(false);
+                // A failed bind may leave the device elsewhere: record what sysfs says now.
+                if let (Some(e), Some(pci)) = (e.as_mut(), p.pci.as_deref())
+                    && d.dpdk.is_some()
+                {
+                    let now = self.binder.inspect(pci).ok().and_then(|i| i.driver);
+                    e.driver.clone_from(&now);
+                    report.driver = now;
+                }
+                e
+            };
+            (report, entry)
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+/// Runs the daemon until `shutdown` completes: watches NodeENIs, reacts to link events,
+/// resyncs every `resync`, and keeps this node's `nodeReports` entries current.
+pub async fn run(
+    mut daemon: Daemon,
+    client: Client,
+    link_events: impl Stream<Item = LinkEvent> + Send + 'static,
+    resync: Duration,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let node = daemon.settings.node.clone();
+    let default_mtu = daemon.settings.default_mtu;
+    let api: Api<NodeENI> = Api::all(client);
+    let (reader, writer) = reflector::store();
+    let notify = Arc::new(Notify::new());
+    let watch_task = tokio::spawn({
+        let notify = notify.clone();
+        let api = api.clone();
+        async move {
+            watcher(api, watcher::Config::default())
+                .default_backoff()
+                .reflect(writer)
+                .for_each(|ev| {
+                    match ev {
+                        Ok(_) => notify.notify_one(),
+                        Err(e) => warn!(error = %e, "NodeENI watch error (retrying)"),
+                    }
+                    futures::future::ready(())
+                })
+                .await;
+        }
+    });
+    // Link events coalesce into one wake-up, like watch events.
+    let link_task = tokio::spawn({
+        let notify = notify.clone();
+        async move {
+            let mut events = std::pin::pin!(link_events);
+            while events.next().await.is_some() {
+                notify.notify_one();
+            }
+            warn!("netlink event stream ended; relying on the periodic resync");
+        }
+    });
+
+    tokio::pin!(shutdown);
+    tokio::select! {
+        _ = &mut shutdown => { watch_task.abort(); link_task.abort(); return Ok(()); }
+        r = reader.wait_until_ready() => if r.is_err() { warn!("NodeENI store closed"); },
+    }
+    info!(node, "NodeENIs listed; reconciling");
+    let mut tick = tokio::time::interval(resync);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.reset();
+    loop {
+        let objs = reader.state();
+        let desired =
+            plan::desired_from_nodeenis(objs.iter().map(AsRef::as_ref), &node, default_mtu);
+        let span = info_span!("reconcile", node, enis = desired.len());
+        match daemon.reconcile(&desired).instrument(span.clone()).await {
+            Ok(outcome) => {
+                daemon.metrics.set_ready();
+                for ne in &objs {
+                    let Some(name) = ne.metadata.name.as_deref() else {
+                        continue;
+                    };
+                    let want = outcome.reports.get(name);
+                    let have = crate::report::current(ne, &node);
+                    if want == have.as_ref() {
+                        continue;
+                    }
+                    if let Err(e) = crate::report::apply(&api, name, &node, want.map(Vec::as_slice))
+                        .instrument(span.clone())
+                        .await
+                    {
+                        daemon.metrics.errors.inc();
+                        warn!(nodeeni = name, error = %e, "cannot write the node report; retrying soon");
+                        let notify = notify.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(REPORT_RETRY).await;
+                            notify.notify_one();
+                        });
+                    }
+                }
+            }
+            Err(e) => {
+                daemon.metrics.errors.inc();
+                error!(error = %e, "reconcile failed");
+            }
+        }
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = notify.notified() => {}
+            _ = tick.tick() => {}
+        }
+    }
+    watch_task.abort();
+    link_task.abort();
+    info!("shutting down (DPDK devices stay bound; the state file keeps them)");
+    Ok(())
+}

@@ -1,0 +1,27 @@
+//! aws-multi-eni node daemon (`eni-manager`).
+//!
+//! Configures on its own node the ENIs the controller attached to it:
+//!
+//! * [`plan`]: pure planning (desired attachments + observed links/PCI devices/state ->
+//!   actions), unit tested;
+//! * [`netlink`]: rtnetlink links and link events, optionally inside another netns;
+//! * [`sysfs`]: PCI inspection and driver (re)binding behind the narrow [`sysfs::Sysfs`]
+//!   trait, with a simulated kernel for fake trees;
+//! * [`state`]: the `enis.json` state file shared with cni-helper;
+//! * [`report`]: this node's `status.nodeReports` entry (server-side apply);
+//! * [`daemon`]: the reconcile loop; [`metrics`]: Prometheus and health endpoints.
+//!
+//! The set of DPDK-bound devices is published on a `tokio::sync::watch` channel of
+//! [`eni_deviceplugin::BoundDevice`] for the device plugin.
+
+pub mod config;
+pub mod daemon;
+pub mod error;
+pub mod metrics;
+pub mod netlink;
+pub mod plan;
+pub mod report;
+pub mod state;
+pub mod sysfs;
+
+pub use error::{Error, Result};

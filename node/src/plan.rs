@@ -1,0 +1,787 @@
+//! The pure part of a reconcile: what the node should look like (from the NodeENIs),
+//! what it looks like (links, PCI devices, the previous state file), and the steps in
+//! between. No I/O here; [`crate::daemon`] observes, calls [`plan`], executes.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use eni_api::{AttachmentStatus, NodeENI};
+
+use crate::state::EniState;
+use crate::sysfs::PciInfo;
+
+/// DPDK settings of one attachment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DpdkWant {
+    /// Driver to bind to (`vfio-pci`, ...).
+    pub driver: String,
+    /// Extended resource to advertise the device as.
+    pub resource_name: String,
+    /// PCI address given in the NodeENI, when the device should not be found by MAC.
+    pub pci_address: Option<String>,
+}
+
+/// One ENI attached to this node, as the NodeENI status says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Desired {
+    /// NodeENI name.
+    pub node_eni: String,
+    /// ENI id.
+    pub eni_id: String,
+    /// MAC address, normalised to lower case.
+    pub mac: String,
+    /// EC2 device index.
+    pub device_index: i32,
+    /// EC2 network card index.
+    pub network_card_index: i32,
+    /// MTU to set.
+    pub mtu: u32,
+    /// DPDK settings, when DPDK is enabled.
+    pub dpdk: Option<DpdkWant>,
+}
+
+/// Normalises a MAC address (`02:AB:..` -> `02:ab:..`); `None` when malformed.
+pub fn normalize_mac(mac: &str) -> Option<String> {
+    let parts: Vec<&str> = mac.trim().split([':', '-']).collect();
+    if parts.len() != 6
+        || parts
+            .iter()
+            .any(|p| p.len() != 2 || !p.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        return None;
+    }
+    Some(parts.join(":").to_ascii_lowercase())
+}
+
+/// Formats link-layer address bytes as `aa:bb:..`.
+pub fn format_mac(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// The attachments of `node` in `nodeenis` that are attached and have a MAC address.
+/// MTU: the attachment's, else the spec's, else `default_mtu`. DPDK settings come from
+/// the attachment, falling back to the spec.
+pub fn desired_from_nodeenis<'a>(
+    nodeenis: impl IntoIterator<Item = &'a NodeENI>,
+    node: &str,
+    default_mtu: u32,
+) -> Vec<Desired> {
+    let mut out = Vec::new();
+    for ne in nodeenis {
+        let Some(name) = ne.metadata.name.as_deref() else {
+            continue;
+        };
+        let Some(status) = &ne.status else { continue };
+        for a in &status.attachments {
+            if a.node_id != node || a.status != AttachmentStatus::Attached.as_str() {
+                continue;
+            }
+            let Some(mac) = a.mac_address.as_deref().and_then(normalize_mac) else {
+                continue;
+            };
+            let mtu = a
+                .mtu
+                .or(ne.spec.mtu)
+                .and_then(|m| u32::try_from(m).ok())
+                .filter(|m| *m > 0)
+                .unwrap_or(default_mtu);
+            let dpdk = (a.dpdk_enabled || ne.spec.dpdk()).then(|| DpdkWant {
+                driver: a
+                    .dpdk_driver
+                    .clone()
+                    .unwrap_or_else(|| ne.spec.dpdk_driver().to_string()),
+                resource_name: a
+                    .dpdk_resource_name
+                    .clone()
+                    .unwrap_or_else(|| ne.spec.dpdk_resource_name().to_string()),
+                pci_address: a
+                    .dpdk_pci_address
+                    .clone()
+                    .or_else(|| ne.spec.dpdk_pci_address.clone()),
+            });
+            out.push(Desired {
+                node_eni: name.to_string(),
+                eni_id: a.eni_id.clone(),
+                mac,
+                device_index: a.device_index,
+                network_card_index: a.network_card_index.unwrap_or(0),
+                mtu,
+                dpdk,
+            });
+        }
+    }
+    out.sort_by(|a, b| (a.device_index, &a.mac).cmp(&(b.device_index, &b.mac)));
+    out
+}
+
+/// A network interface as netlink reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Link {
+    /// ifindex.
+    pub index: u32,
+    /// Name.
+    pub name: String,
+    /// MAC address, lower case.
+    pub mac: String,
+    /// MTU.
+    pub mtu: u32,
+    /// Administratively up.
+    pub up: bool,
+    /// Alternative names.
+    pub alt_names: Vec<String>,
+    /// PCI address behind it (from sysfs), when it has one.
+    pub pci_address: Option<String>,
+}
+
+/// Everything a reconcile observed.
+#[derive(Debug, Clone, Default)]
+pub struct Observed {
+    /// All links in the namespace.
+    pub links: Vec<Link>,
+    /// PCI devices of interest, by address: what sysfs said, or why it could not be read.
+    pub pci: BTreeMap<String, Result<PciInfo, String>>,
+    /// The state file as last written.
+    pub previous: Vec<EniState>,
+}
+
+impl Observed {
+    /// PCI addresses the planner may ask about: explicit ones, those behind the links of
+    /// wanted MACs, and those in the previous state.
+    pub fn pci_candidates(
+        desired: &[Desired],
+        links: &[Link],
+        previous: &[EniState],
+    ) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        for d in desired {
+            if let Some(p) = d.dpdk.as_ref().and_then(|w| w.pci_address.clone()) {
+                out.insert(p);
+            }
+            if let Some(p) = links
+                .iter()
+                .find(|l| l.mac == d.mac)
+                .and_then(|l| l.pci_address.clone())
+            {
+                out.insert(p);
+            }
+        }
+        out.extend(previous.iter().filter_map(|e| e.pci_address.clone()));
+        out
+    }
+}
+
+/// One change to make.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// `ip link set <name> up`.
+    SetUp {
+        /// ifindex.
+        index: u32,
+    },
+    /// `ip link set <name> mtu <mtu>`.
+    SetMtu {
+        /// ifindex.
+        index: u32,
+        /// New MTU.
+        mtu: u32,
+    },
+    /// `ip link property add dev <name> altname <alt>`.
+    AddAltName {
+        /// ifindex.
+        index: u32,
+        /// The alternative name.
+        alt: String,
+    },
+    /// Bind the PCI device to a userspace-I/O driver (after recording it in the state).
+    Bind {
+        /// PCI address.
+        pci: String,
+        /// Driver.
+        driver: String,
+    },
+}
+
+/// The plan for one attachment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EniPlan {
+    /// The attachment.
+    pub desired: Desired,
+    /// Its interface, when it has one.
+    pub link: Option<Link>,
+    /// Its PCI address, when known.
+    pub pci: Option<String>,
+    /// What sysfs says about that PCI device.
+    pub pci_info: Option<PciInfo>,
+    /// Steps, in order.
+    pub actions: Vec<Action>,
+    /// Why it cannot be (fully) configured; reported, not fatal.
+    pub problem: Option<String>,
+}
+
+impl EniPlan {
+    /// The state-file entry this ENI has once the plan is carried out (or, with
+    /// `bound_now = false` for a DPDK ENI, the record written before binding).
+    pub fn entry(&self, bound: bool) -> Option<EniState> {
+        if self.link.is_none() && self.pci.is_none() {
+            return None;
+        }
+        let dpdk = self.desired.dpdk.as_ref();
+        Some(EniState {
+            eni_id: self.desired.eni_id.clone(),
+            mac_address: self.desired.mac.clone(),
+            device_index: self.desired.device_index,
+            network_card_index: self.desired.network_card_index,
+            node_eni: self.desired.node_eni.clone(),
+            interface_name: if bound {
+                None
+            } else {
+                self.link.as_ref().map(|l| l.name.clone())
+            },
+            pci_address: self.pci.clone(),
+            driver: if bound {
+                dpdk.map(|w| w.driver.clone())
+            } else {
+                self.pci_info.as_ref().and_then(|i| i.driver.clone())
+            },
+            dpdk_bound: bound,
+            resource_name: dpdk.map(|w| w.resource_name.clone()),
+        })
+    }
+
+    /// Whether the plan ends with the device bound to its DPDK driver.
+    pub fn wants_bound(&self) -> bool {
+        self.desired.dpdk.is_some() && self.pci.is_some() && self.problem.is_none()
+    }
+}
+
+/// A device to give back to its kernel driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Release {
+    /// Its previous state entry.
+    pub entry: EniState,
+    /// The userspace-I/O driver it is bound to.
+    pub dpdk_driver: String,
+}
+
+/// The whole plan.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Plan {
+    /// One per attachment of this node.
+    pub enis: Vec<EniPlan>,
+    /// Devices to give back.
+    pub releases: Vec<Release>,
+}
+
+/// Planner options.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// Also make ENI N reachable as `eth<N>`.
+    pub stable_names: bool,
+}
+
+/// Computes the plan. Rules: interfaces are found by MAC only; device index 0 (the
+/// primary ENI) is never touched; only links whose MAC belongs to an attachment are
+/// touched; a DPDK device already bound to its driver is left alone (no flaps after a
+/// restart); a device the previous state bound for DPDK that is no longer wanted for DPDK
+/// is released.
+pub fn plan(desired: &[Desired], observed: &Observed, opts: Options) -> Plan {
+    let mut out = Plan::default();
+    let mut seen_macs = BTreeSet::new();
+    for d in desired {
+        let mut p = EniPlan {
+            desired: d.clone(),
+            link: observed.links.iter().find(|l| l.mac == d.mac).cloned(),
+            pci: None,
+            pci_info: None,
+            actions: Vec::new(),
+            problem: None,
+        };
+        if !seen_macs.insert(d.mac.clone()) {
+            p.link = None;
+            p.problem = Some(format!(
+                "MAC {} is listed twice for this node; ignored",
+                d.mac
+            ));
+            out.enis.push(p);
+            continue;
+        }
+        if d.device_index == 0 {
+            p.link = None;
+            p.problem =
+                Some("device index 0 is the primary ENI; the daemon never touches it".into());
+            out.enis.push(p);
+            continue;
+        }
+        let prev = observed.previous.iter().find(|e| e.mac_address == d.mac);
+        p.pci = d
+            .dpdk
+            .as_ref()
+            .and_then(|w| w.pci_address.clone())
+            .or_else(|| p.link.as_ref().and_then(|l| l.pci_address.clone()))
+            .or_else(|| prev.and_then(|e| e.pci_address.clone()));
+        if let Some(pci) = &p.pci {
+            match observed.pci.get(pci) {
+                Some(Ok(info)) => p.pci_info = Some(info.clone()),
+                Some(Err(e)) if d.dpdk.is_some() => p.problem = Some(e.clone()),
+                _ => {}
+            }
+        }
+        match &d.dpdk {
+            Some(want) => plan_dpdk(&mut p, want),
+            None => plan_netdev(&mut p, observed, opts),
+        }
+        out.enis.push(p);
+    }
+
+    // Devices bound earlier whose attachment is gone or no longer wants DPDK.
+    for e in observed.previous.iter().filter(|e| e.dpdk_bound) {
+        let still = out.enis.iter().any(|p| {
+            p.desired.dpdk.is_some()
+                && p.pci.is_some()
+                && p.pci == e.pci_address
+                && p.problem.is_none()
+        });
+        if still || e.pci_address.is_none() {
+            continue;
+        }
+        let Some(pci) = &e.pci_address else { continue };
+        let driver = e
+            .driver
+            .clone()
+            .unwrap_or_else(|| eni_api::DEFAULT_DPDK_DRIVER.to_string());
+        match observed.pci.get(pci) {
+            // Gone (detached) or already back on another driver: nothing to give back.
+            Some(Err(_)) | None => continue,
+            Some(Ok(info)) if info.driver.as_deref() != Some(driver.as_str()) => continue,
+            Some(Ok(_)) => out.releases.push(Release {
+                entry: e.clone(),
+                dpdk_driver: driver,
+            }),
+        }
+    }
+    out
+}
+
+fn plan_netdev(p: &mut EniPlan, observed: &Observed, opts: Options) {
+    let d = &p.desired;
+    let Some(link) = &p.link else {
+        p.problem = Some(match &p.pci {
+            Some(pci) => format!(
+                "no interface with MAC {} yet (PCI device {pci} has no netdev)",
+                d.mac
+            ),
+            None => format!("no interface with MAC {} on the node yet", d.mac),
+        });
+        return;
+    };
+    if link.mtu != d.mtu {
+        p.actions.push(Action::SetMtu {
+            index: link.index,
+            mtu: d.mtu,
+        });
+    }
+    if !link.up {
+        p.actions.push(Action::SetUp { index: link.index });
+    }
+    if opts.stable_names {
+        let alt = format!("eth{}", d.device_index);
+        if link.name != alt && !link.alt_names.contains(&alt) {
+            match observed
+                .links
+                .iter()
+                .find(|l| l.index != link.index && (l.name == alt || l.alt_names.contains(&alt)))
+            {
+                Some(other) => {
+                    p.problem = Some(format!(
+                        "stable name {alt} is taken by interface {}; not adding it",
+                        other.name
+                    ));
+                }
+                None => p.actions.push(Action::AddAltName {
+                    index: link.index,
+                    alt,
+                }),
+            }
+        }
+    }
+}
+
+fn plan_dpdk(p: &mut EniPlan, want: &DpdkWant) {
+    if p.problem.is_some() {
+        return;
+    }
+    let Some(pci) = p.pci.clone() else {
+        p.problem = Some(format!(
+            "cannot find the PCI device of MAC {}: no interface with that MAC has a PCI device \
+             and the NodeENI sets no dpdkPCIAddress",
+            p.desired.mac
+        ));
+        return;
+    };
+    let Some(info) = &p.pci_info else {
+        p.problem = Some(format!("PCI device {pci} not found in sysfs"));
+        return;
+    };
+    if info.driver.as_deref() != Some(want.driver.as_str()) {
+        p.actions.push(Action::Bind {
+            pci,
+            driver: want.driver.clone(),
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn want(mac: &str, idx: i32) -> Desired {
+        Desired {
+            node_eni: "ne".into(),
+            eni_id: format!("eni-{idx}"),
+            mac: mac.into(),
+            device_index: idx,
+            network_card_index: 0,
+            mtu: 9001,
+            dpdk: None,
+        }
+    }
+
+    fn dpdk(mut d: Desired) -> Desired {
+        d.dpdk = Some(DpdkWant {
+            driver: "vfio-pci".into(),
+            resource_name: "intel.com/intel_sriov_netdevice".into(),
+            pci_address: None,
+        });
+        d
+    }
+
+    fn link(index: u32, name: &str, mac: &str) -> Link {
+        Link {
+            index,
+            name: name.into(),
+            mac: mac.into(),
+            mtu: 1500,
+            up: false,
+            alt_names: vec![],
+            pci_address: None,
+        }
+    }
+
+    fn ena(addr: &str, driver: Option<&str>) -> PciInfo {
+        PciInfo {
+            address: addr.into(),
+            vendor: 0x1d0f,
+            device: 0xec20,
+            driver: driver.map(Into::into),
+            numa_node: Some(0),
+            iommu_group: None,
+            noiommu: false,
+        }
+    }
+
+    const M1: &str = "02:00:00:00:00:01";
+    const M2: &str = "02:00:00:00:00:02";
+
+    #[test]
+    fn mac_normalisation() {
+        assert_eq!(
+            normalize_mac("02:AB:cd:00:00:01").as_deref(),
+            Some("02:ab:cd:00:00:01")
+        );
+        assert_eq!(
+            normalize_mac("02-ab-cd-00-00-01").as_deref(),
+            Some("02:ab:cd:00:00:01")
+        );
+        assert_eq!(normalize_mac("02:ab:cd:00:00"), None);
+        assert_eq!(normalize_mac("zz:ab:cd:00:00:01"), None);
+        assert_eq!(format_mac(&[2, 0xab, 0, 0, 0, 1]), "02:ab:00:00:00:01");
+    }
+
+    #[test]
+    fn found_by_mac_brought_up_and_mtu_set_others_untouched() {
+        let obs = Observed {
+            links: vec![
+                link(1, "eth0", "02:00:00:00:00:99"),
+                link(7, "ens7", M1),
+                link(8, "ens8", M2),
+            ],
+            ..Default::default()
+        };
+        let p = plan(&[want(M1, 2)], &obs, Options::default());
+        assert_eq!(p.enis.len(), 1);
+        assert_eq!(
+            p.enis[0].link.as_ref().map(|l| l.name.as_str()),
+            Some("ens7")
+        );
+        assert_eq!(
+            p.enis[0].actions,
+            vec![
+                Action::SetMtu {
+                    index: 7,
+                    mtu: 9001
+                },
+                Action::SetUp { index: 7 }
+            ]
+        );
+        assert!(p.releases.is_empty());
+    }
+
+    #[test]
+    fn configured_interface_needs_nothing() {
+        let mut l = link(7, "ens7", M1);
+        l.up = true;
+        l.mtu = 9001;
+        let obs = Observed {
+            links: vec![l],
+            ..Default::default()
+        };
+        let p = plan(
+            &[want(M1, 2)],
+            &obs,
+            Options {
+                stable_names: false,
+            },
+        );
+        assert!(p.enis[0].actions.is_empty());
+        assert_eq!(p.enis[0].problem, None);
+    }
+
+    #[test]
+    fn missing_interface_is_a_reported_problem() {
+        let p = plan(&[want(M1, 2)], &Observed::default(), Options::default());
+        assert!(p.enis[0].actions.is_empty());
+        assert!(p.enis[0].problem.as_deref().unwrap_or("").contains(M1));
+        assert_eq!(p.enis[0].entry(false), None);
+    }
+
+    #[test]
+    fn primary_device_index_is_never_touched() {
+        let obs = Observed {
+            links: vec![link(1, "eth0", M1)],
+            ..Default::default()
+        };
+        let p = plan(&[want(M1, 0)], &obs, Options { stable_names: true });
+        assert!(p.enis[0].actions.is_empty());
+        assert!(p.enis[0].problem.is_some());
+        assert_eq!(p.enis[0].link, None);
+    }
+
+    #[test]
+    fn duplicate_mac_is_configured_once() {
+        let obs = Observed {
+            links: vec![link(7, "ens7", M1)],
+            ..Default::default()
+        };
+        let p = plan(&[want(M1, 2), want(M1, 3)], &obs, Options::default());
+        assert_eq!(p.enis[0].actions.len(), 2);
+        assert!(p.enis[1].actions.is_empty());
+        assert!(p.enis[1].problem.is_some());
+    }
+
+    #[test]
+    fn stable_names_add_an_altname_unless_present_or_taken() {
+        let obs = Observed {
+            links: vec![link(7, "ens7", M1)],
+            ..Default::default()
+        };
+        let p = plan(&[want(M1, 2)], &obs, Options { stable_names: true });
+        assert!(p.enis[0].actions.contains(&Action::AddAltName {
+            index: 7,
+            alt: "eth2".into()
+        }));
+
+        let mut l = link(7, "ens7", M1);
+        l.alt_names = vec!["eth2".into()];
+        let obs = Observed {
+            links: vec![l],
+            ..Default::default()
+        };
+        let p = plan(&[want(M1, 2)], &obs, Options { stable_names: true });
+        assert!(
+            !p.enis[0]
+                .actions
+                .iter()
+                .any(|a| matches!(a, Action::AddAltName { .. }))
+        );
+
+        let obs = Observed {
+            links: vec![link(2, "eth2", "02:00:00:00:00:99"), link(7, "ens7", M1)],
+            ..Default::default()
+        };
+        let p = plan(&[want(M1, 2)], &obs, Options { stable_names: true });
+        assert!(
+            !p.enis[0]
+                .actions
+                .iter()
+                .any(|a| matches!(a, Action::AddAltName { .. }))
+        );
+        assert!(p.enis[0].problem.as_deref().unwrap_or("").contains("eth2"));
+    }
+
+    #[test]
+    fn dpdk_binds_by_the_pci_address_behind_the_mac() {
+        let mut l = link(7, "ens7", M1);
+        l.pci_address = Some("0000:00:07.0".into());
+        let mut obs = Observed {
+            links: vec![l],
+            ..Default::default()
+        };
+        obs.pci
+            .insert("0000:00:07.0".into(), Ok(ena("0000:00:07.0", Some("ena"))));
+        let p = plan(&[dpdk(want(M1, 2))], &obs, Options::default());
+        assert_eq!(
+            p.enis[0].actions,
+            vec![Action::Bind {
+                pci: "0000:00:07.0".into(),
+                driver: "vfio-pci".into()
+            }]
+        );
+        // The record written before binding still names the interface.
+        let pre = p.enis[0].entry(false).expect("entry");
+        assert_eq!(pre.interface_name.as_deref(), Some("ens7"));
+        assert_eq!(pre.driver.as_deref(), Some("ena"));
+        let post = p.enis[0].entry(true).expect("entry");
+        assert_eq!(post.interface_name, None);
+        assert_eq!(post.pci_address.as_deref(), Some("0000:00:07.0"));
+        assert!(post.dpdk_bound);
+        assert_eq!(
+            post.resource_name.as_deref(),
+            Some("intel.com/intel_sriov_netdevice")
+        );
+    }
+
+    #[test]
+    fn restart_with_state_does_not_rebind() {
+        let prev = EniState {
+            eni_id: "eni-2".into(),
+            mac_address: M1.into(),
+            device_index: 2,
+            network_card_index: 0,
+            node_eni: "ne".into(),
+            interface_name: None,
+            pci_address: Some("0000:00:07.0".into()),
+            driver: Some("vfio-pci".into()),
+            dpdk_bound: true,
+            resource_name: Some("intel.com/intel_sriov_netdevice".into()),
+        };
+        let mut obs = Observed {
+            previous: vec![prev.clone()],
+            ..Default::default()
+        };
+        obs.pci.insert(
+            "0000:00:07.0".into(),
+            Ok(ena("0000:00:07.0", Some("vfio-pci"))),
+        );
+        let p = plan(&[dpdk(want(M1, 2))], &obs, Options::default());
+        assert!(p.enis[0].actions.is_empty());
+        assert!(p.releases.is_empty());
+        assert_eq!(p.enis[0].entry(true), Some(prev));
+    }
+
+    #[test]
+    fn dpdk_off_or_attachment_gone_releases() {
+        let prev = EniState {
+            eni_id: "eni-2".into(),
+            mac_address: M1.into(),
+            device_index: 2,
+            network_card_index: 0,
+            node_eni: "ne".into(),
+            interface_name: None,
+            pci_address: Some("0000:00:07.0".into()),
+            driver: Some("vfio-pci".into()),
+            dpdk_bound: true,
+            resource_name: None,
+        };
+        let mut obs = Observed {
+            previous: vec![prev],
+            ..Default::default()
+        };
+        obs.pci.insert(
+            "0000:00:07.0".into(),
+            Ok(ena("0000:00:07.0", Some("vfio-pci"))),
+        );
+        // Attachment gone.
+        let p = plan(&[], &obs, Options::default());
+        assert_eq!(p.releases.len(), 1);
+        assert_eq!(p.releases[0].dpdk_driver, "vfio-pci");
+        // DPDK turned off: released, and the interface is waited for.
+        let p = plan(&[want(M1, 2)], &obs, Options::default());
+        assert_eq!(p.releases.len(), 1);
+        assert!(p.enis[0].problem.is_some());
+        // Already given back by someone else: nothing to do.
+        obs.pci
+            .insert("0000:00:07.0".into(), Ok(ena("0000:00:07.0", Some("ena"))));
+        assert!(plan(&[], &obs, Options::default()).releases.is_empty());
+        // Device gone (ENI detached): nothing to do.
+        obs.pci.insert("0000:00:07.0".into(), Err("gone".into()));
+        assert!(plan(&[], &obs, Options::default()).releases.is_empty());
+    }
+
+    #[test]
+    fn dpdk_without_pci_address_or_unreadable_device_is_reported() {
+        let obs = Observed {
+            links: vec![link(7, "ens7", M1)],
+            ..Default::default()
+        };
+        let p = plan(&[dpdk(want(M1, 2))], &obs, Options::default());
+        assert!(p.enis[0].actions.is_empty());
+        assert!(
+            p.enis[0]
+                .problem
+                .as_deref()
+                .unwrap_or("")
+                .contains("dpdkPCIAddress")
+        );
+
+        let mut d = dpdk(want(M1, 2));
+        if let Some(w) = d.dpdk.as_mut() {
+            w.pci_address = Some("0000:00:09.0".into());
+        }
+        let mut obs = Observed::default();
+        obs.pci.insert(
+            "0000:00:09.0".into(),
+            Err("sysfs: cannot read vendor".into()),
+        );
+        let p = plan(&[d], &obs, Options::default());
+        assert!(p.enis[0].actions.is_empty());
+        assert_eq!(
+            p.enis[0].problem.as_deref(),
+            Some("sysfs: cannot read vendor")
+        );
+    }
+
+    #[test]
+    fn desired_takes_this_nodes_attached_enis_only() {
+        let ne: NodeENI = serde_json::from_value(serde_json::json!({
+            "apiVersion": "networking.k8s.aws/v1alpha1", "kind": "NodeENI",
+            "metadata": {"name": "multus"},
+            "spec": {"nodeSelector": {}, "mtu": 1500, "dpdkEnabled": false},
+            "status": {"attachments": [
+                {"nodeID": "n1", "instanceID": "i-1", "eniID": "eni-a", "macAddress": "02:AA:00:00:00:01", "deviceIndex": 2, "status": "Attached"},
+                {"nodeID": "n1", "instanceID": "i-1", "eniID": "eni-b", "macAddress": "02:aa:00:00:00:02", "deviceIndex": 3, "status": "Attached", "mtu": 9000,
+                 "dpdkEnabled": true, "dpdkDriver": "vfio-pci", "dpdkResourceName": "x.io/y", "dpdkPCIAddress": "0000:00:08.0"},
+                {"nodeID": "n1", "instanceID": "i-1", "eniID": "eni-c", "macAddress": "02:aa:00:00:00:03", "deviceIndex": 4, "status": "Attaching"},
+                {"nodeID": "n2", "instanceID": "i-1", "eniID": "eni-d", "macAddress": "02:aa:00:00:00:04", "deviceIndex": 2, "status": "Attached"},
+                {"nodeID": "n1", "instanceID": "i-1", "eniID": "eni-e", "deviceIndex": 5, "status": "Attached"}
+            ]}
+        }))
+        .expect("nodeeni");
+        let d = desired_from_nodeenis([&ne], "n1", 9001);
+        assert_eq!(d.len(), 2);
+        assert_eq!(d[0].mac, "02:aa:00:00:00:01");
+        assert_eq!(d[0].mtu, 1500);
+        assert_eq!(d[0].dpdk, None);
+        assert_eq!(d[1].mtu, 9000);
+        assert_eq!(
+            d[1].dpdk,
+            Some(DpdkWant {
+                driver: "vfio-pci".into(),
+                resource_name: "x.io/y".into(),
+                pci_address: Some("0000:00:08.0".into())
+            })
+        );
+    }
+}

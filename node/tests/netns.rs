@@ -1,0 +1,330 @@
+//! The `eni-manager` binary against the real kube-apiserver, configuring dummy interfaces
+//! in a network namespace made by the test.
+//!
+//! Integration tier (`make test-integration`): needs root (network namespaces) and the
+//! peers from `hack/peers.sh`.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Manager, Netns, is_up, mtu, poll};
+use eni_api::{NodeENI, crd};
+use eni_testkit::{ApiServer, eventually};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Client;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+
+async fn client_with_crd() -> (Client, &'static ApiServer) {
+    let server = ApiServer::shared().await.expect("start kube-apiserver");
+    let client = server.client().await.expect("client");
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.patch(
+        "nodeenis.networking.k8s.aws",
+        &PatchParams::apply("eni-node-test").force(),
+        &Patch::Apply(crd()),
+    )
+    .await
+    .expect("apply the CRD");
+    let established = eventually(Duration::from_secs(30), || {
+        let crds = crds.clone();
+        async move {
+            let crd = crds.get("nodeenis.networking.k8s.aws").await.ok()?;
+            crd.status?
+                .conditions?
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True")
+                .then_some(())
+        }
+    })
+    .await;
+    assert!(established.is_some(), "CRD never became Established");
+    (client, server)
+}
+
+/// Creates NodeENI `name` and writes its status attachments as the controller would.
+async fn nodeeni_with_attachments(client: &Client, name: &str, attachments: serde_json::Value) {
+    let api: Api<NodeENI> = Api::all(client.clone());
+    let obj: NodeENI = serde_json::from_value(serde_json::json!({
+        "apiVersion": "networking.k8s.aws/v1alpha1", "kind": "NodeENI",
+        "metadata": {"name": name},
+        "spec": {"nodeSelector": {"ng": "multi-eni"}, "subnetID": "subnet-0f59b4f14737be9ad",
+                 "securityGroupIDs": ["sg-05da196f3314d4af8"], "deviceIndex": 2}
+    }))
+    .expect("object");
+    api.create(&PostParams::default(), &obj)
+        .await
+        .expect("create NodeENI");
+    set_attachments(client, name, attachments).await;
+}
+
+async fn set_attachments(client: &Client, name: &str, attachments: serde_json::Value) {
+    let api: Api<NodeENI> = Api::all(client.clone());
+    api.patch_status(
+        name,
+        &PatchParams::apply("test-controller").force(),
+        &Patch::Apply(serde_json::json!({
+            "apiVersion": "networking.k8s.aws/v1alpha1", "kind": "NodeENI",
+            "metadata": {"name": name},
+            "status": {"attachments": attachments}
+        })),
+    )
+    .await
+    .expect("patch status");
+}
+
+fn attachment(node: &str, eni: &str, mac: &str, index: i32, mtu: Option<i32>) -> serde_json::Value {
+    let mut a = serde_json::json!({
+        "nodeID": node, "instanceID": "i-0123456789abcdef0", "eniID": eni,
+        "attachmentID": format!("attach-{eni}"), "subnetID": "subnet-0f59b4f14737be9ad",
+        "deviceIndex": index, "macAddress": mac, "status": "Attached"
+    });
+    if let Some(m) = mtu {
+        a["mtu"] = m.into();
+    }
+    a
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "integration: needs root and kube-apiserver (make test-integration)"]
+async fn hotplugged_enis_are_configured_within_a_second() {
+    let (client, server) = client_with_crd().await;
+    let ns = Netns::new("hp");
+    let node = format!("test-node-{}", ns.name);
+    let name = format!("it-{}", ns.name);
+    let (mac_a, mac_b, mac_other) = (
+        "02:5e:00:00:00:0a",
+        "02:5e:00:00:00:0b",
+        "02:5e:00:00:00:0c",
+    );
+    nodeeni_with_attachments(
+        &client,
+        &name,
+        serde_json::json!([
+            attachment(&node, "eni-0aaaaaaaaaaaaaaa1", mac_a, 2, None),
+            attachment(
+                &node,
+                "eni-0aaaaaaaaaaaaaaa2",
+                &mac_b.to_uppercase(),
+                3,
+                Some(1500)
+            ),
+            // Another node's ENI with the MAC of the un-owned interface: not ours.
+            attachment(
+                "some-other-node",
+                "eni-0aaaaaaaaaaaaaaa3",
+                mac_other,
+                2,
+                None
+            ),
+        ]),
+    )
+    .await;
+
+    // An interface the daemon does not own, present before it starts.
+    ns.add_dummy("other0", mac_other);
+    let before = ns.link("other0").expect("other0");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut mgr = Manager::start(
+        &server.kubeconfig,
+        &node,
+        &ns.path(),
+        dir.path(),
+        &["--stable-names"],
+    );
+    mgr.wait_ready(Duration::from_secs(30));
+
+    // Hot-plug: the ENIs appear after the daemon started.
+    let plugged = Instant::now();
+    ns.add_dummy("ens7", mac_a);
+    ns.add_dummy("ens8", mac_b);
+    let a = poll(Duration::from_secs(1), || {
+        ns.link("ens7").filter(|l| is_up(l) && mtu(l) == 9001)
+    });
+    let took = plugged.elapsed();
+    assert!(
+        a.is_some(),
+        "ens7 not up with MTU 9001 within 1 s: {:?}\nlog:\n{}",
+        ns.link("ens7"),
+        mgr.log_text()
+    );
+    let b = poll(Duration::from_secs(1), || {
+        ns.link("ens8").filter(|l| is_up(l) && mtu(l) == 1500)
+    });
+    assert!(
+        b.is_some(),
+        "ens8 not up with MTU 1500: {:?}\nlog:\n{}",
+        ns.link("ens8"),
+        mgr.log_text()
+    );
+    println!("hot-plug -> configured: {took:?}");
+
+    // Stable names: eth2 / eth3 resolve to the ENIs at device index 2 / 3.
+    let eth2 = poll(Duration::from_secs(1), || ns.link("eth2")).expect("eth2 resolves");
+    assert_eq!(eth2["ifname"], "ens7");
+    let eth3 = poll(Duration::from_secs(1), || ns.link("eth3")).expect("eth3 resolves");
+    assert_eq!(eth3["ifname"], "ens8");
+
+    // The un-owned interface is untouched.
+    let after = ns.link("other0").expect("other0");
+    assert_eq!(is_up(&after), is_up(&before));
+    assert_eq!(mtu(&after), mtu(&before));
+    assert!(after.get("altnames").is_none(), "{after}");
+
+    // The report shows up in the NodeENI status, next to the controller's attachments.
+    let api: Api<NodeENI> = Api::all(client.clone());
+    let report = eventually(Duration::from_secs(10), || {
+        let api = api.clone();
+        let (name, node) = (name.clone(), node.clone());
+        async move {
+            let ne = api.get(&name).await.ok()?;
+            let status = ne.status?;
+            let r = status
+                .node_reports
+                .into_iter()
+                .find(|r| r.node_name == node)?;
+            (r.interfaces.len() == 2 && r.interfaces.iter().all(|i| i.up))
+                .then_some((r, status.attachments))
+        }
+    })
+    .await;
+    let (report, attachments) =
+        report.unwrap_or_else(|| panic!("no nodeReports entry; log:\n{}", mgr.log_text()));
+    assert_eq!(
+        attachments.len(),
+        3,
+        "the controller's attachments are intact"
+    );
+    let ens7 = report
+        .interfaces
+        .iter()
+        .find(|i| i.mac_address == mac_a)
+        .expect("ens7 report");
+    assert_eq!(ens7.interface_name.as_deref(), Some("ens7"));
+    assert_eq!(ens7.mtu, Some(9001));
+    assert_eq!(ens7.error, None);
+    let ens8 = report
+        .interfaces
+        .iter()
+        .find(|i| i.mac_address == mac_b)
+        .expect("ens8 report");
+    assert_eq!(ens8.mtu, Some(1500));
+
+    // The managed fields show the daemon's own field manager.
+    let ne = api.get(&name).await.expect("get");
+    let managers: Vec<String> = ne
+        .metadata
+        .managed_fields
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|m| m.manager)
+        .collect();
+    assert!(
+        managers.contains(&format!("eni-manager-{node}")),
+        "{managers:?}"
+    );
+
+    // The state file for cni-helper.
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join("state/enis.json")).expect("state file"),
+    )
+    .expect("json");
+    assert_eq!(state["version"], 1);
+    assert_eq!(state["node"], node.as_str());
+    let enis = state["enis"].as_array().expect("enis");
+    assert_eq!(enis.len(), 2);
+    assert_eq!(enis[0]["interfaceName"], "ens7");
+    assert_eq!(enis[0]["deviceIndex"], 2);
+    assert_eq!(enis[0]["nodeENI"], name.as_str());
+    assert_eq!(enis[1]["interfaceName"], "ens8");
+
+    // Metrics.
+    let metrics = common::http_get(mgr.metrics_port, "/metrics").expect("metrics");
+    assert!(
+        metrics.contains("eni_manager_interfaces_configured 2"),
+        "{metrics}"
+    );
+
+    // The controller drops the attachments: the daemon removes its report entry.
+    set_attachments(&client, &name, serde_json::json!([])).await;
+    let gone = eventually(Duration::from_secs(10), || {
+        let api = api.clone();
+        let (name, node) = (name.clone(), node.clone());
+        async move {
+            let ne = api.get(&name).await.ok()?;
+            let reports = ne.status.map(|s| s.node_reports).unwrap_or_default();
+            (!reports.iter().any(|r| r.node_name == node)).then_some(())
+        }
+    })
+    .await;
+    assert!(
+        gone.is_some(),
+        "report not removed; log:\n{}",
+        mgr.log_text()
+    );
+    api.delete(&name, &DeleteParams::default())
+        .await
+        .expect("delete");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "integration: needs root and kube-apiserver (make test-integration)"]
+async fn restart_reapplies_nothing_and_resync_repairs_drift() {
+    let (client, server) = client_with_crd().await;
+    let ns = Netns::new("rs");
+    let node = format!("test-node-{}", ns.name);
+    let name = format!("it-{}", ns.name);
+    let mac = "02:5e:00:00:01:0a";
+    ns.add_dummy("ens9", mac);
+    nodeeni_with_attachments(
+        &client,
+        &name,
+        serde_json::json!([attachment(
+            &node,
+            "eni-0bbbbbbbbbbbbbbb1",
+            mac,
+            4,
+            Some(4000)
+        )]),
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let mut mgr = Manager::start(&server.kubeconfig, &node, &ns.path(), dir.path(), &[]);
+        mgr.wait_ready(Duration::from_secs(30));
+        let ok = poll(Duration::from_secs(2), || {
+            ns.link("ens9").filter(|l| is_up(l) && mtu(l) == 4000)
+        });
+        assert!(
+            ok.is_some(),
+            "ens9 not configured; log:\n{}",
+            mgr.log_text()
+        );
+        assert!(ns.link("eth4").is_none(), "no stable names unless asked");
+    }
+    // Restart: nothing to change, and the daemon says so (no link changes counted).
+    let mut mgr = Manager::start(
+        &server.kubeconfig,
+        &node,
+        &ns.path(),
+        dir.path(),
+        &["--resync-period", "1s"],
+    );
+    mgr.wait_ready(Duration::from_secs(30));
+    let metrics = common::http_get(mgr.metrics_port, "/metrics").expect("metrics");
+    assert!(
+        metrics.contains("eni_manager_link_changes_total 0"),
+        "{metrics}"
+    );
+    // Someone changes the MTU behind the daemon's back: the link event repairs it.
+    ns.ip(&["link", "set", "ens9", "mtu", "1500"]);
+    let ok = poll(Duration::from_secs(1), || {
+        ns.link("ens9").filter(|l| mtu(l) == 4000)
+    });
+    assert!(ok.is_some(), "drift not repaired; log:\n{}", mgr.log_text());
+    Api::<NodeENI>::all(client)
+        .delete(&name, &DeleteParams::default())
+        .await
+        .expect("delete");
+}
