@@ -1,0 +1,247 @@
+//! One plugin endpoint (one resource): serve the socket, register with the kubelet, and
+//! serve + register again whenever the kubelet restarts or the socket disappears.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use eni_proto::deviceplugin::v1beta1 as api;
+use eni_proto::pluginregistration::v1 as reg;
+use hyper_util::rt::TokioIo;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::UnixListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint as TonicEndpoint, Server, Uri};
+
+use crate::config::{Config, RegistrationMode, socket_name};
+use crate::error::Error;
+use crate::service::{PluginService, RegistryService};
+use crate::snapshot::Snapshot;
+
+/// Opens a gRPC channel over the Unix socket at `path` (the authority is a placeholder).
+pub async fn connect_unix(path: &Path) -> Result<Channel, tonic::transport::Error> {
+    let path = path.to_path_buf();
+    TonicEndpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
+        }))
+        .await
+}
+
+/// Inode of the socket at `path`, if any.
+fn inode(path: &Path) -> Option<u64> {
+    std::fs::symlink_metadata(path).ok().map(|m| m.ino())
+}
+
+/// Waits for the next directory event; never returns once the watcher is gone.
+async fn next_event(rx: &mut watch::Receiver<u64>) {
+    if rx.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+struct Serving {
+    inode: u64,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// Everything one endpoint task needs.
+#[derive(Debug)]
+pub(crate) struct Endpoint {
+    pub(crate) resource: String,
+    pub(crate) config: Arc<Config>,
+    pub(crate) state: watch::Receiver<Arc<Snapshot>>,
+    pub(crate) dir_events: watch::Receiver<u64>,
+    pub(crate) cancel: CancellationToken,
+}
+
+impl Endpoint {
+    fn socket_path(&self) -> PathBuf {
+        self.config.socket_dir().join(socket_name(&self.resource))
+    }
+
+    fn kubelet_socket(&self) -> PathBuf {
+        self.config.device_plugin_dir.join(api::KUBELET_SOCKET)
+    }
+
+    /// Binds the socket (replacing a stale file) and starts serving on it.
+    fn serve(&self) -> Result<Serving, Error> {
+        let path = self.socket_path();
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io("remove stale socket", path, e)),
+        }
+        let listener = UnixListener::bind(&path).map_err(|e| Error::io("bind", &path, e))?;
+        let inode = inode(&path).ok_or_else(|| {
+            Error::io(
+                "stat",
+                &path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "socket vanished after bind"),
+            )
+        })?;
+        let stop = self.cancel.child_token();
+        let plugin = PluginService::new(
+            &self.resource,
+            self.state.clone(),
+            self.config.devinfo_dir.clone(),
+            stop.clone(),
+        );
+        let registry = (self.config.registration == RegistrationMode::PluginsRegistry).then(|| {
+            let (status, _) = watch::channel(None);
+            reg::registration_server::RegistrationServer::new(RegistryService::new(
+                &self.resource,
+                &path,
+                status,
+            ))
+        });
+        let router = Server::builder()
+            .add_service(api::device_plugin_server::DevicePluginServer::new(plugin))
+            .add_optional_service(registry);
+        let resource = self.resource.clone();
+        let shutdown = stop.clone();
+        let task = tokio::spawn(async move {
+            if let Err(e) = router
+                .serve_with_incoming_shutdown(
+                    UnixListenerStream::new(listener),
+                    shutdown.cancelled_owned(),
+                )
+                .await
+            {
+                tracing::warn!(%resource, error = %e, "plugin gRPC server ended");
+            }
+        });
+        tracing::info!(resource = %self.resource, socket = %path.display(), "serving device plugin");
+        Ok(Serving { inode, stop, task })
+    }
+
+    fn stop_serving(&self, serving: Serving, remove: bool) {
+        serving.stop.cancel();
+        let path = self.socket_path();
+        if remove
+            && inode(&path) == Some(serving.inode)
+            && let Err(e) = std::fs::remove_file(&path)
+        {
+            tracing::warn!(socket = %path.display(), error = %e, "could not remove socket");
+        }
+        // The server drains on its own; do not wait for it.
+        drop(serving.task);
+    }
+
+    /// Runs until cancelled.
+    pub(crate) async fn run(mut self) {
+        let path = self.socket_path();
+        let kubelet = self.kubelet_socket();
+        let mut serving: Option<Serving> = None;
+        // Inode of the kubelet.sock we registered with: a new one means a new kubelet.
+        let mut registered_with: Option<u64> = None;
+        let mut ticker = tokio::time::interval(self.config.socket_check_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if self.cancel.is_cancelled() {
+                break;
+            }
+            // 1. Our socket must exist and be the one we bound.
+            let ours = serving.as_ref().map(|s| s.inode);
+            if ours.is_none() || inode(&path) != ours {
+                if let Some(old) = serving.take() {
+                    tracing::info!(resource = %self.resource, "plugin socket gone, serving again");
+                    self.stop_serving(old, false);
+                }
+                match self.serve() {
+                    Ok(s) => {
+                        serving = Some(s);
+                        registered_with = None;
+                    }
+                    Err(e) => tracing::warn!(resource = %self.resource, error = %e, "cannot serve"),
+                }
+            }
+            // 2. Device-plugin mode: register with the current kubelet.sock.
+            if self.config.registration == RegistrationMode::DevicePlugin
+                && let (Some(s), Some(k)) = (serving.as_ref().map(|s| s.inode), inode(&kubelet))
+                && registered_with != Some(k)
+            {
+                let started = tokio::time::Instant::now();
+                let register = register(
+                    kubelet.clone(),
+                    self.resource.clone(),
+                    socket_name(&self.resource),
+                    self.config.register_timeout,
+                );
+                tokio::pin!(register);
+                // Abort the call when our socket disappears meanwhile: the kubelet
+                // would keep dialing a path that no longer serves.
+                let outcome = loop {
+                    tokio::select! {
+                        r = &mut register => break Some(r),
+                        _ = self.cancel.cancelled() => break None,
+                        _ = next_event(&mut self.dir_events) => {
+                            if inode(&path) != Some(s) { break None; }
+                        }
+                    }
+                };
+                match outcome {
+                    Some(Ok(())) => {
+                        registered_with = Some(k);
+                        tracing::info!(
+                            resource = %self.resource,
+                            elapsed_ms = started.elapsed().as_millis() as u64,
+                            "registered with the kubelet"
+                        );
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(resource = %self.resource, error = %e, "registration failed, will retry");
+                    }
+                    None => continue,
+                }
+            }
+            tokio::select! {
+                _ = self.cancel.cancelled() => break,
+                _ = next_event(&mut self.dir_events) => {}
+                _ = ticker.tick() => {}
+            }
+        }
+        if let Some(s) = serving.take() {
+            self.stop_serving(s, true);
+        }
+        tracing::info!(resource = %self.resource, "plugin endpoint stopped");
+    }
+}
+
+/// Calls `Registration.Register` on the kubelet socket.
+async fn register(
+    kubelet: PathBuf,
+    resource: String,
+    endpoint: String,
+    timeout: std::time::Duration,
+) -> Result<(), Error> {
+    let call = async {
+        let channel = connect_unix(&kubelet)
+            .await
+            .map_err(|source| Error::Connect {
+                path: kubelet.clone(),
+                source,
+            })?;
+        let mut client = api::registration_client::RegistrationClient::new(channel);
+        client
+            .register(api::RegisterRequest {
+                version: api::VERSION.to_owned(),
+                endpoint,
+                resource_name: resource.clone(),
+                options: Some(PluginService::options()),
+            })
+            .await
+            .map_err(|status| Error::Register {
+                resource: resource.clone(),
+                status: Box::new(status),
+            })?;
+        Ok(())
+    };
+    tokio::time::timeout(timeout, call)
+        .await
+        .map_err(|_| Error::Timeout("Register"))?
+}
