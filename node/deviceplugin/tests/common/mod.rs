@@ -17,6 +17,16 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 
+/// Logs of the plugin on the test's output (`RUST_LOG` overrides the default filter).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("eni_deviceplugin=info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
 pub const RES: &str = "intel.com/intel_sriov_netdevice";
 
 /// Temp tree: `sys/`, `dev/`, `device-plugins/`, `plugins_registry/`, `devinfo/`.
@@ -233,3 +243,5 @@ pub fn health_of<'a>(l: &'a api::ListAndWatchResponse, id: &str) -> Option<&'a s
         .find(|d| d.id == id)
         .map(|d| d.health.as_str())
 }
+
+pub mod kubelet_dp;
