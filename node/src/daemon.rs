@@ -276,6 +276,7 @@ impl Daemon {
                 error: p.problem.clone(),
             };
             let mut bound = p.wants_bound() && p.actions.is_empty();
+            let mut refused = false;
             for a in &p.actions {
                 let res = match a {
                     Action::SetMtu { index, mtu } => {
@@ -312,6 +313,7 @@ impl Daemon {
                     }
                 };
                 if let Err(e) = res {
+                    refused |= matches!(e, crate::Error::NotEna { .. });
                     self.metrics.errors.inc();
                     error!(action = ?a, error = %e, "action failed");
                     report.error = Some(e.to_string());
@@ -330,6 +332,11 @@ impl Daemon {
                 report.up = false;
                 report.mtu = None;
                 p.entry(true)
+            } else if d.dpdk.is_some() && p.link.is_none() && (refused || p.problem.is_some()) {
+                // Not ours to record: a refused device, or one we could not even inspect.
+                // (A device whose bind failed half-way stays recorded: its netdev is gone
+                // and the state file is the only place that still maps it to the MAC.)
+                None
             } else {
                 let mut e = p.entry(false);
                 // A failed bind may leave the device elsewhere: record what sysfs says now.

@@ -48,9 +48,23 @@ impl Netns {
             .expect("run ip")
     }
 
-    /// Adds a dummy interface with `mac`.
+    /// Adds an ENI stand-in with `mac`: a dummy interface, or, on kernels built without
+    /// the dummy driver (some CI VMs), one end of a veth pair (the peer, `<name>p`, gets
+    /// a random MAC and is just another interface the daemon must not touch).
     pub fn add_dummy(&self, name: &str, mac: &str) {
-        self.ip(&["link", "add", name, "address", mac, "type", "dummy"]);
+        let out = self.try_ip(&["link", "add", name, "address", mac, "type", "dummy"]);
+        if out.status.success() {
+            return;
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("Unknown device type"),
+            "ip link add {name} type dummy: {err}"
+        );
+        let peer = format!("{name}p");
+        self.ip(&[
+            "link", "add", name, "address", mac, "type", "veth", "peer", "name", &peer,
+        ]);
     }
 
     /// `ip -j link show dev <name>` as JSON, or None when it does not resolve.
