@@ -8,10 +8,11 @@ use std::sync::Arc;
 use eni_proto::deviceplugin::v1beta1 as api;
 use eni_proto::pluginregistration::v1 as reg;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncWriteExt, DuplexStream};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::UnixListenerStream;
+use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint as TonicEndpoint, Server, Uri};
 
@@ -99,22 +100,41 @@ impl Endpoint {
                 status,
             ))
         });
+        let registry_mode = registry.is_some();
         let router = Server::builder()
             .add_service(api::device_plugin_server::DevicePluginServer::new(plugin))
             .add_optional_service(registry);
         let resource = self.resource.clone();
         let shutdown = stop.clone();
-        let task = tokio::spawn(async move {
-            if let Err(e) = router
-                .serve_with_incoming_shutdown(
-                    UnixListenerStream::new(listener),
-                    shutdown.cancelled_owned(),
-                )
-                .await
-            {
-                tracing::warn!(%resource, error = %e, "plugin gRPC server ended");
-            }
-        });
+        let task = if registry_mode {
+            // The kubelet's plugin watcher sends the socket path as :authority, which
+            // h2 refuses: connections go through the authority shim.
+            let (tx, rx) = tokio::sync::mpsc::channel(16);
+            tokio::spawn(accept_with_authority_fix(listener, tx, stop.clone()));
+            tokio::spawn(async move {
+                if let Err(e) = router
+                    .serve_with_incoming_shutdown(
+                        ReceiverStream::new(rx),
+                        shutdown.cancelled_owned(),
+                    )
+                    .await
+                {
+                    tracing::warn!(%resource, error = %e, "plugin gRPC server ended");
+                }
+            })
+        } else {
+            tokio::spawn(async move {
+                if let Err(e) = router
+                    .serve_with_incoming_shutdown(
+                        UnixListenerStream::new(listener),
+                        shutdown.cancelled_owned(),
+                    )
+                    .await
+                {
+                    tracing::warn!(%resource, error = %e, "plugin gRPC server ended");
+                }
+            })
+        };
         tracing::info!(resource = %self.resource, socket = %path.display(), "serving device plugin");
         Ok(Serving { inode, stop, task })
     }
@@ -209,6 +229,47 @@ impl Endpoint {
             self.stop_serving(s, true);
         }
         tracing::info!(resource = %self.resource, "plugin endpoint stopped");
+    }
+}
+
+/// Accepts Unix connections and hands tonic in-memory pipes whose client-to-server half
+/// goes through [`crate::authority::pump`].
+async fn accept_with_authority_fix(
+    listener: UnixListener,
+    tx: tokio::sync::mpsc::Sender<std::io::Result<DuplexStream>>,
+    stop: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((unix, _)) => {
+                let (ours, theirs) = tokio::io::duplex(64 * 1024);
+                let (unix_read, mut unix_write) = unix.into_split();
+                let (mut our_read, our_write) = tokio::io::split(ours);
+                tokio::spawn(async move {
+                    if let Err(e) = crate::authority::pump(unix_read, our_write).await {
+                        tracing::debug!(error = %e, "client connection ended");
+                    }
+                });
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut our_read, &mut unix_write).await;
+                    let _ = unix_write.shutdown().await;
+                });
+                if tx.send(Ok(theirs)).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
+                }
+            }
+        }
     }
 }
 

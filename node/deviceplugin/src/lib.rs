@@ -25,6 +25,7 @@
 //! `endpoint`.
 
 pub mod alloc;
+pub mod authority;
 pub mod config;
 pub mod device;
 mod endpoint;
