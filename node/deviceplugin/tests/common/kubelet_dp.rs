@@ -9,8 +9,25 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
 
-/// `$ENI_BIN_DIR/kubelet-dp`, default `~/.cache/aws-multi-eni/bin/kubelet-dp`.
+/// The harness binary, if built.
+pub fn binary_if_present() -> Option<PathBuf> {
+    let p = binary_path();
+    p.is_file().then_some(p)
+}
+
+/// `$ENI_BIN_DIR/kubelet-dp`, default `~/.cache/aws-multi-eni/bin/kubelet-dp`; panics
+/// when missing.
 pub fn binary() -> PathBuf {
+    let p = binary_path();
+    assert!(
+        p.is_file(),
+        "{} missing: run hack/peers.sh first",
+        p.display()
+    );
+    p
+}
+
+fn binary_path() -> PathBuf {
     let bin = std::env::var_os("ENI_BIN_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
@@ -46,13 +63,22 @@ pub struct KubeletDp {
 
 impl KubeletDp {
     pub fn start(dir: &Path, extra: &[&str]) -> Self {
+        Self::spawn(dir, extra, Stdio::inherit())
+    }
+
+    /// Like [`Self::start`] with the harness's klog output discarded.
+    pub fn start_quiet(dir: &Path, extra: &[&str]) -> Self {
+        Self::spawn(dir, extra, Stdio::null())
+    }
+
+    fn spawn(dir: &Path, extra: &[&str], stderr: Stdio) -> Self {
         let mut child = Command::new(binary())
             .arg("--dir")
             .arg(dir)
             .args(extra)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .kill_on_drop(true)
             .spawn()
             .expect("spawn kubelet-dp");
