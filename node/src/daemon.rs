@@ -22,6 +22,9 @@ use crate::plan::{self, Action, Desired, EniPlan, Observed};
 use crate::state::{self, EniState, StateFile};
 use crate::sysfs::{self, Binder};
 
+/// How often the report writer wakes up on its own (it mostly reacts to changes).
+const IDLE_WAKEUP: Duration = Duration::from_secs(3600);
+
 /// Delay before retrying a failed report write.
 const REPORT_RETRY: Duration = Duration::from_secs(2);
 
@@ -358,6 +361,9 @@ impl Daemon {
 
 /// Runs the daemon until `shutdown` completes: watches NodeENIs, reacts to link events,
 /// resyncs every `resync`, and keeps this node's `nodeReports` entries current.
+///
+/// Reports are written by a separate task, so a slow API server never delays configuring
+/// a hot-plugged interface: the reconcile loop only publishes the latest reports.
 pub async fn run(
     mut daemon: Daemon,
     client: Client,
@@ -370,8 +376,9 @@ pub async fn run(
     let api: Api<NodeENI> = Api::all(client);
     let (reader, writer) = reflector::store();
     let notify = Arc::new(Notify::new());
+    let objects_changed = Arc::new(Notify::new());
     let watch_task = tokio::spawn({
-        let notify = notify.clone();
+        let (notify, objects_changed) = (notify.clone(), objects_changed.clone());
         let api = api.clone();
         async move {
             watcher(api, watcher::Config::default())
@@ -379,7 +386,10 @@ pub async fn run(
                 .reflect(writer)
                 .for_each(|ev| {
                     match ev {
-                        Ok(_) => notify.notify_one(),
+                        Ok(_) => {
+                            notify.notify_one();
+                            objects_changed.notify_one();
+                        }
                         Err(e) => warn!(error = %e, "NodeENI watch error (retrying)"),
                     }
                     futures::future::ready(())
@@ -398,10 +408,24 @@ pub async fn run(
             warn!("netlink event stream ended; relying on the periodic resync");
         }
     });
+    let (reports_tx, reports_rx) = watch::channel(None);
+    let report_task = tokio::spawn(write_reports(
+        api,
+        reader.clone(),
+        node.clone(),
+        reports_rx,
+        objects_changed,
+        daemon.metrics.clone(),
+    ));
+    let stop = || {
+        watch_task.abort();
+        link_task.abort();
+        report_task.abort();
+    };
 
     tokio::pin!(shutdown);
     tokio::select! {
-        _ = &mut shutdown => { watch_task.abort(); link_task.abort(); return Ok(()); }
+        _ = &mut shutdown => { stop(); return Ok(()); }
         r = reader.wait_until_ready() => if r.is_err() { warn!("NodeENI store closed"); },
     }
     info!(node, "NodeENIs listed; reconciling");
@@ -413,31 +437,17 @@ pub async fn run(
         let desired =
             plan::desired_from_nodeenis(objs.iter().map(AsRef::as_ref), &node, default_mtu);
         let span = info_span!("reconcile", node, enis = desired.len());
-        match daemon.reconcile(&desired).instrument(span.clone()).await {
+        match daemon.reconcile(&desired).instrument(span).await {
             Ok(outcome) => {
                 daemon.metrics.set_ready();
-                for ne in &objs {
-                    let Some(name) = ne.metadata.name.as_deref() else {
-                        continue;
-                    };
-                    let want = outcome.reports.get(name);
-                    let have = crate::report::current(ne, &node);
-                    if want == have.as_ref() {
-                        continue;
+                reports_tx.send_if_modified(|cur| {
+                    if cur.as_ref() == Some(&outcome.reports) {
+                        false
+                    } else {
+                        *cur = Some(outcome.reports);
+                        true
                     }
-                    if let Err(e) = crate::report::apply(&api, name, &node, want.map(Vec::as_slice))
-                        .instrument(span.clone())
-                        .await
-                    {
-                        daemon.metrics.errors.inc();
-                        warn!(nodeeni = name, error = %e, "cannot write the node report; retrying soon");
-                        let notify = notify.clone();
-                        tokio::spawn(async move {
-                            tokio::time::sleep(REPORT_RETRY).await;
-                            notify.notify_one();
-                        });
-                    }
-                }
+                });
             }
             Err(e) => {
                 daemon.metrics.errors.inc();
@@ -450,8 +460,53 @@ pub async fn run(
             _ = tick.tick() => {}
         }
     }
-    watch_task.abort();
-    link_task.abort();
+    stop();
     info!("shutting down (DPDK devices stay bound; the state file keeps them)");
     Ok(())
+}
+
+/// Keeps this node's report entries equal to the latest reports of the reconcile loop:
+/// after each new set of reports and after each NodeENI change (so an entry someone else
+/// removed is written again), and retries failed writes.
+async fn write_reports(
+    api: Api<NodeENI>,
+    reader: reflector::Store<NodeENI>,
+    node: String,
+    mut reports: watch::Receiver<Option<BTreeMap<String, Vec<InterfaceReport>>>>,
+    objects_changed: Arc<Notify>,
+    metrics: Metrics,
+) {
+    let mut failed = false;
+    loop {
+        let retry = tokio::time::sleep(if failed { REPORT_RETRY } else { IDLE_WAKEUP });
+        tokio::select! {
+            r = reports.changed() => if r.is_err() { return },
+            _ = objects_changed.notified() => {}
+            _ = retry => {}
+        }
+        let Some(want) = reports.borrow_and_update().clone() else {
+            continue;
+        };
+        failed = false;
+        for ne in reader.state() {
+            let Some(name) = ne.metadata.name.as_deref() else {
+                continue;
+            };
+            let want = want.get(name);
+            if want == crate::report::current(&ne, &node).as_ref() {
+                continue;
+            }
+            let res = crate::report::apply(&api, name, &node, want.map(Vec::as_slice))
+                .instrument(info_span!("report", nodeeni = name))
+                .await;
+            match res {
+                Ok(()) => debug!(nodeeni = name, "node report written"),
+                Err(e) => {
+                    failed = true;
+                    metrics.errors.inc();
+                    warn!(nodeeni = name, error = %e, "cannot write the node report; retrying soon");
+                }
+            }
+        }
+    }
 }

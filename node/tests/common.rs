@@ -133,7 +133,11 @@ impl Manager {
         let log = dir.join("eni-manager.log");
         let metrics_port = eni_testkit::free_port();
         let file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_eni-manager"))
+        let bin = option_env!("CARGO_BIN_EXE_eni-manager")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("ENI_MANAGER_BIN").map(PathBuf::from))
+            .expect("the eni-manager binary: set ENI_MANAGER_BIN");
+        let child = Command::new(bin)
             .env("KUBECONFIG", kubeconfig)
             .env("NODE_NAME", node)
             .env("RUST_LOG", "info,eni_node=debug")
