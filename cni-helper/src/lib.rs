@@ -1,0 +1,78 @@
+//! cni-helper: resolves an ENI device index to this node's interface (or PCI address) and
+//! runs a delegate CNI plugin (ipvlan, macvlan, host-device) on it.
+//!
+//! * [`config`]: the network config (pure; unit tested and fuzzed).
+//! * [`resolve`]: state file, then IMDS + sysfs, behind the [`state::StateSource`],
+//!   [`imds::Metadata`] and [`sysfs::NetDevices`] traits.
+//! * [`plugin`]: the CNI commands, delegating through [`exec::Delegates`].
+//! * [`nad`]: NetworkAttachmentDefinition generation for the CLI.
+
+pub mod cni;
+pub mod config;
+pub mod exec;
+pub mod imds;
+pub mod nad;
+pub mod plugin;
+pub mod resolve;
+pub mod state;
+pub mod sysfs;
+
+use std::path::Path;
+
+use crate::imds::Imds;
+use crate::plugin::ResolveEni;
+use crate::resolve::Resolver;
+use crate::state::StateFile;
+use crate::sysfs::Sysfs;
+
+/// The real resolution sources for a state dir and IMDS endpoint (None: the environment,
+/// then the default). An unusable endpoint disables IMDS (the error says so).
+pub fn resolver(
+    state_dir: &Path,
+    imds_endpoint: Option<&str>,
+) -> Resolver<StateFile, ImdsOrBroken, Sysfs> {
+    let env = std::env::var(imds::ENDPOINT_ENV).ok();
+    let url = imds::endpoint_from(imds_endpoint, env.as_deref());
+    Resolver {
+        state: StateFile::in_dir(state_dir),
+        metadata: Some(match Imds::new(&url) {
+            Ok(i) => ImdsOrBroken::Imds(i),
+            Err(e) => ImdsOrBroken::Broken(e.to_string()),
+        }),
+        netdevs: Sysfs::default(),
+    }
+}
+
+/// The resolver for a parsed config.
+pub fn resolver_for(conf: &config::NetConf) -> Box<dyn ResolveEni> {
+    Box::new(resolver(&conf.state_dir(), conf.imds_endpoint.as_deref()))
+}
+
+/// IMDS, or why it cannot be used (a bad endpoint from the environment).
+#[derive(Debug)]
+pub enum ImdsOrBroken {
+    /// A client.
+    Imds(Imds),
+    /// The endpoint error.
+    Broken(String),
+}
+
+impl imds::Metadata for ImdsOrBroken {
+    fn describe(&self) -> String {
+        match self {
+            Self::Imds(i) => i.describe(),
+            Self::Broken(_) => "IMDS".into(),
+        }
+    }
+
+    fn find(
+        &self,
+        device_index: u64,
+        network_card_index: u64,
+    ) -> Result<(Option<imds::ImdsEni>, Vec<imds::ImdsEni>), imds::ImdsError> {
+        match self {
+            Self::Imds(i) => i.find(device_index, network_card_index),
+            Self::Broken(e) => Err(imds::ImdsError::Endpoint(e.clone())),
+        }
+    }
+}

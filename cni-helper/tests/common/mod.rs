@@ -1,0 +1,3 @@
+//! Shared integration test support.
+pub mod fake_imds;
+pub mod netns;
