@@ -107,8 +107,10 @@ pub fn load(path: &Path) -> Result<Option<StateFile>> {
         })
 }
 
-/// Writes `state` to `path` atomically (temporary file in the same directory, fsync,
-/// rename). Creates the directory when needed.
+/// Writes `state` to `path` atomically (temporary file in the same directory, then
+/// rename). Creates the directory when needed. No fsync: the file lives on a tmpfs
+/// (`/run`) and describes the running system, so it is meant to vanish with a reboot, and
+/// a crash of the daemon alone loses nothing that was written.
 pub fn save(path: &Path, state: &StateFile) -> Result<()> {
     let io = |source| Error::StateIo {
         path: path.to_path_buf(),
@@ -124,7 +126,6 @@ pub fn save(path: &Path, state: &StateFile) -> Result<()> {
     let tmp = dir.join(format!(".{FILE_NAME}.{}.tmp", std::process::id()));
     let mut file = std::fs::File::create(&tmp).map_err(io)?;
     file.write_all(&json).map_err(io)?;
-    file.sync_all().map_err(io)?;
     drop(file);
     std::fs::rename(&tmp, path).map_err(io)?;
     Ok(())
