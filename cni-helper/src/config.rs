@@ -13,8 +13,11 @@ pub const DEFAULT_STATE_DIR: &str = "/run/aws-multi-eni";
 /// Largest device / network card index accepted (EC2 uses far smaller ones).
 pub const MAX_INDEX: u64 = 255;
 
-/// Top-level keys the runtime (or Multus) adds that are passed to the delegate as they are.
-pub const PASSTHROUGH_KEYS: [&str; 3] = ["runtimeConfig", "prevResult", "args"];
+/// Top-level keys the runtime (or Multus) adds that are passed to the delegate as they are:
+/// `runtimeConfig` (capability args), `prevResult` (CHECK/DEL, chaining), `args`
+/// (conventions), and `deviceID` (Multus adds the allocated device of a NAD with a
+/// `k8s.v1.cni.cncf.io/resourceName` annotation).
+pub const PASSTHROUGH_KEYS: [&str; 4] = ["runtimeConfig", "prevResult", "args", "deviceID"];
 
 /// Errors in the network configuration.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -589,6 +592,21 @@ mod tests {
             .delegate_config(Some(&Target::Mac("02:00:00:00:00:07".into())))
             .expect("fits");
         assert_eq!(mac["hwaddr"], "02:00:00:00:00:07");
+    }
+
+    #[test]
+    fn multus_device_id_is_passed_through() {
+        let mut v = base();
+        v["delegate"] = json!({"type": "host-device"});
+        v["deviceID"] = json!("0000:00:08.0");
+        v["runtimeConfig"] = json!({"deviceID": "0000:00:08.0"});
+        let c = conf(v).expect("valid");
+        let d = c
+            .delegate_config(Some(&Target::Pci("0000:00:08.0".into())))
+            .expect("fits");
+        assert_eq!(d["deviceID"], "0000:00:08.0");
+        assert_eq!(d["runtimeConfig"]["deviceID"], "0000:00:08.0");
+        assert_eq!(d["pciBusID"], "0000:00:08.0");
     }
 
     #[test]

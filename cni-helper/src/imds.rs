@@ -11,6 +11,8 @@ use std::time::Duration;
 pub const DEFAULT_ENDPOINT: &str = "http://169.254.169.254";
 /// Environment variable the AWS SDKs honour for the endpoint.
 pub const ENDPOINT_ENV: &str = "AWS_EC2_METADATA_SERVICE_ENDPOINT";
+/// Environment variable that turns IMDS off (as in the AWS SDKs).
+pub const DISABLED_ENV: &str = "AWS_EC2_METADATA_DISABLED";
 /// Token TTL requested (seconds): the plugin only lives for one call.
 const TOKEN_TTL: &str = "60";
 /// Per-connection connect and I/O timeout.
@@ -24,6 +26,9 @@ pub enum ImdsError {
     /// The endpoint is not an `http://host[:port]` URL.
     #[error("invalid IMDS endpoint {0:?}: expected http://host[:port]")]
     Endpoint(String),
+    /// Turned off by the environment.
+    #[error("disabled by {DISABLED_ENV}=true")]
+    Disabled,
     /// Network failure.
     #[error("{what} {endpoint}: {source}")]
     Io {

@@ -26,16 +26,20 @@ use crate::state::StateFile;
 use crate::sysfs::Sysfs;
 
 /// The real resolution sources for a state dir and IMDS endpoint (None: the environment,
-/// then the default). An unusable endpoint disables IMDS (the error says so).
+/// then the default). `AWS_EC2_METADATA_DISABLED=true` turns IMDS off, as in the AWS SDKs;
+/// an unusable endpoint too (the resolution error says which).
 pub fn resolver(
     state_dir: &Path,
     imds_endpoint: Option<&str>,
 ) -> Resolver<StateFile, ImdsOrBroken, Sysfs> {
     let env = std::env::var(imds::ENDPOINT_ENV).ok();
     let url = imds::endpoint_from(imds_endpoint, env.as_deref());
+    let disabled =
+        std::env::var(imds::DISABLED_ENV).is_ok_and(|v| v.trim().eq_ignore_ascii_case("true"));
     Resolver {
         state: StateFile::in_dir(state_dir),
         metadata: Some(match Imds::new(&url) {
+            _ if disabled => ImdsOrBroken::Disabled,
             Ok(i) => ImdsOrBroken::Imds(i),
             Err(e) => ImdsOrBroken::Broken(e.to_string()),
         }),
@@ -48,11 +52,13 @@ pub fn resolver_for(conf: &config::NetConf) -> Box<dyn ResolveEni> {
     Box::new(resolver(&conf.state_dir(), conf.imds_endpoint.as_deref()))
 }
 
-/// IMDS, or why it cannot be used (a bad endpoint from the environment).
+/// IMDS, or why it cannot be used.
 #[derive(Debug)]
 pub enum ImdsOrBroken {
     /// A client.
     Imds(Imds),
+    /// `AWS_EC2_METADATA_DISABLED=true`.
+    Disabled,
     /// The endpoint error.
     Broken(String),
 }
@@ -61,7 +67,7 @@ impl imds::Metadata for ImdsOrBroken {
     fn describe(&self) -> String {
         match self {
             Self::Imds(i) => i.describe(),
-            Self::Broken(_) => "IMDS".into(),
+            Self::Broken(_) | Self::Disabled => "IMDS".into(),
         }
     }
 
@@ -73,6 +79,7 @@ impl imds::Metadata for ImdsOrBroken {
         match self {
             Self::Imds(i) => i.find(device_index, network_card_index),
             Self::Broken(e) => Err(imds::ImdsError::Endpoint(e.clone())),
+            Self::Disabled => Err(imds::ImdsError::Disabled),
         }
     }
 }

@@ -141,7 +141,17 @@ fn add(
         .delegate_config(Some(&r.target))
         .map_err(|e| CniError::new(CniCode::EniUnusable, e.to_string()))?;
     let out = call(delegates, conf, "ADD", &cfg)?;
-    Ok(pass_through(conf, out)?.with_log(describe(conf, &r)))
+    let mut reply = pass_through(conf, out)?.with_log(describe(conf, &r));
+    if let (Target::Pci(pci), Some(Value::String(allocated))) =
+        (&r.target, conf.passthrough.get("deviceID"))
+        && !pci.eq_ignore_ascii_case(allocated)
+    {
+        reply.log.push(format!(
+            "cni-helper: {}: warning: the runtime allocated device {allocated} but deviceIndex {} is {pci}",
+            conf.name, conf.device_index
+        ));
+    }
+    Ok(reply)
 }
 
 fn check(

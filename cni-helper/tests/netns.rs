@@ -218,6 +218,7 @@ fn resolves_through_imds_and_sysfs() {
         .arg(node.state_dir.path())
         .args(["--imds-endpoint", &imds.url])
         .env_remove("CNI_COMMAND")
+        .env_remove("AWS_EC2_METADATA_DISABLED")
         .output()
         .expect("run resolve");
     assert!(
@@ -226,6 +227,23 @@ fn resolves_through_imds_and_sysfs() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ens7");
+    // AWS_EC2_METADATA_DISABLED=true turns IMDS off, as in the AWS SDKs.
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &node.ns.name])
+        .arg(bin())
+        .args(["resolve", "2", "--state-dir"])
+        .arg(node.state_dir.path())
+        .args(["--imds-endpoint", &imds.url])
+        .env_remove("CNI_COMMAND")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .output()
+        .expect("run resolve");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("disabled by AWS_EC2_METADATA_DISABLED"),
+        "{stderr}"
+    );
 
     // macvlan through IMDS (ipvlan takes the same path; this kernel may lack ipvlan).
     let pod = Netns::new("imds-p");

@@ -211,6 +211,7 @@ impl Node {
             .args(["netns", "exec", &self.ns.name])
             .arg(bin())
             .env_remove("AWS_EC2_METADATA_SERVICE_ENDPOINT")
+            .env_remove("AWS_EC2_METADATA_DISABLED")
             .env("CNI_COMMAND", command)
             .env("CNI_CONTAINERID", format!("ctr-{}", pod.name))
             .env("CNI_NETNS", pod.path())
