@@ -176,10 +176,12 @@ impl Daemon {
                 (a, info)
             })
             .collect();
+        let primary = self.netlink.default_route_links().await?;
         Ok(Observed {
             links,
             pci,
             previous,
+            primary,
         })
     }
 

@@ -7,12 +7,15 @@
 //! runs the connection on its own single-threaded runtime; the [`rtnetlink::Handle`] and
 //! the event receiver are plain channels usable from any runtime.
 
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use futures::{Stream, StreamExt, TryStreamExt};
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage, Prop};
-use rtnetlink::{Handle, LinkUnspec, MulticastGroup};
+use netlink_packet_route::route::{RouteAttribute, RouteMessage};
+use rtnetlink::{Handle, LinkUnspec, MulticastGroup, RouteMessageBuilder};
 
 use crate::error::{Error, Result};
 use crate::plan::{Link, format_mac};
@@ -134,6 +137,37 @@ impl Netlink {
     pub async fn links(&self) -> Result<Vec<Link>> {
         let msgs: Vec<LinkMessage> = self.handle.link().get().execute().try_collect().await?;
         Ok(msgs.iter().map(parse_link).collect())
+    }
+
+    /// Interfaces that carry a default route (IPv4 or IPv6, any table): the node's primary
+    /// interface(s), which the daemon never touches.
+    pub async fn default_route_links(&self) -> Result<BTreeSet<u32>> {
+        let mut out = BTreeSet::new();
+        let requests = [
+            RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        ];
+        for req in requests {
+            let routes: Vec<RouteMessage> =
+                self.handle.route().get(req).execute().try_collect().await?;
+            for r in routes
+                .iter()
+                .filter(|r| r.header.destination_prefix_length == 0)
+            {
+                for a in &r.attributes {
+                    match a {
+                        RouteAttribute::Oif(i) => {
+                            out.insert(*i);
+                        }
+                        RouteAttribute::MultiPath(hops) => {
+                            out.extend(hops.iter().map(|h| h.interface_index));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Sets the link up.

@@ -145,6 +145,8 @@ pub struct Observed {
     pub pci: BTreeMap<String, Result<PciInfo, String>>,
     /// The state file as last written.
     pub previous: Vec<EniState>,
+    /// ifindexes of the interfaces carrying a default route (the primary interface).
+    pub primary: BTreeSet<u32>,
 }
 
 impl Observed {
@@ -315,6 +317,19 @@ pub fn plan(desired: &[Desired], observed: &Observed, opts: Options) -> Plan {
             out.enis.push(p);
             continue;
         }
+        if let Some(l) = p
+            .link
+            .as_ref()
+            .filter(|l| observed.primary.contains(&l.index))
+        {
+            p.problem = Some(format!(
+                "interface {} carries the default route (the primary ENI); the daemon never touches it",
+                l.name
+            ));
+            p.link = None;
+            out.enis.push(p);
+            continue;
+        }
         let prev = observed.previous.iter().find(|e| e.mac_address == d.mac);
         p.pci = d
             .dpdk
@@ -328,6 +343,20 @@ pub fn plan(desired: &[Desired], observed: &Observed, opts: Options) -> Plan {
                 Some(Err(e)) if d.dpdk.is_some() => p.problem = Some(e.clone()),
                 _ => {}
             }
+        }
+        let primary_pci = observed
+            .links
+            .iter()
+            .filter(|l| observed.primary.contains(&l.index))
+            .find(|l| l.pci_address.is_some() && l.pci_address == p.pci);
+        if let (Some(l), Some(_)) = (primary_pci, &d.dpdk) {
+            p.problem = Some(format!(
+                "PCI device {} is the primary interface {}; refusing to bind it",
+                l.pci_address.as_deref().unwrap_or_default(),
+                l.name
+            ));
+            out.enis.push(p);
+            continue;
         }
         match &d.dpdk {
             Some(want) => plan_dpdk(&mut p, want),
@@ -567,6 +596,42 @@ mod tests {
         assert!(p.enis[0].actions.is_empty());
         assert!(p.enis[0].problem.is_some());
         assert_eq!(p.enis[0].link, None);
+    }
+
+    #[test]
+    fn the_interface_with_the_default_route_is_never_touched() {
+        let mut primary = link(1, "ens5", M1);
+        primary.pci_address = Some("0000:00:05.0".into());
+        let mut obs = Observed {
+            links: vec![primary],
+            primary: [1].into(),
+            ..Default::default()
+        };
+        obs.pci
+            .insert("0000:00:05.0".into(), Ok(ena("0000:00:05.0", Some("ena"))));
+        let p = plan(&[want(M1, 2)], &obs, Options { stable_names: true });
+        assert!(p.enis[0].actions.is_empty());
+        assert!(
+            p.enis[0]
+                .problem
+                .as_deref()
+                .unwrap_or("")
+                .contains("default route")
+        );
+        // Nor is its PCI device bound when named explicitly under another MAC.
+        let mut d = dpdk(want(M2, 3));
+        if let Some(w) = d.dpdk.as_mut() {
+            w.pci_address = Some("0000:00:05.0".into());
+        }
+        let p = plan(&[d], &obs, Options::default());
+        assert!(p.enis[0].actions.is_empty());
+        assert!(
+            p.enis[0]
+                .problem
+                .as_deref()
+                .unwrap_or("")
+                .contains("primary")
+        );
     }
 
     #[test]

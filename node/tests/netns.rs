@@ -277,16 +277,19 @@ async fn restart_reapplies_nothing_and_resync_repairs_drift() {
     let name = format!("it-{}", ns.name);
     let mac = "02:5e:00:00:01:0a";
     ns.add_dummy("ens9", mac);
+    // The primary interface (it carries the default route), wrongly listed as an ENI.
+    let primary_mac = "02:5e:00:00:01:05";
+    ns.add_dummy("ens5", primary_mac);
+    ns.ip(&["link", "set", "ens5", "up"]);
+    ns.ip(&["addr", "add", "10.99.0.2/24", "dev", "ens5"]);
+    ns.ip(&["route", "add", "default", "via", "10.99.0.1"]);
     nodeeni_with_attachments(
         &client,
         &name,
-        serde_json::json!([attachment(
-            &node,
-            "eni-0bbbbbbbbbbbbbbb1",
-            mac,
-            4,
-            Some(4000)
-        )]),
+        serde_json::json!([
+            attachment(&node, "eni-0bbbbbbbbbbbbbbb1", mac, 4, Some(4000)),
+            attachment(&node, "eni-0bbbbbbbbbbbbbbb2", primary_mac, 5, Some(4000)),
+        ]),
     )
     .await;
     let dir = tempfile::tempdir().expect("tempdir");
@@ -302,6 +305,25 @@ async fn restart_reapplies_nothing_and_resync_repairs_drift() {
             mgr.log_text()
         );
         assert!(ns.link("eth4").is_none(), "no stable names unless asked");
+        let primary = ns
+            .link("ens5")
+            .unwrap_or_else(|| panic!("ens5 gone: {}\nlog:\n{}", ns.ip(&["link"]), mgr.log_text()));
+        assert_eq!(mtu(&primary), 1500, "the primary interface was touched");
+        let api: Api<NodeENI> = Api::all(client.clone());
+        let reported = eventually(Duration::from_secs(10), || {
+            let api = api.clone();
+            let (name, node) = (name.clone(), node.clone());
+            async move {
+                let r = api.get(&name).await.ok()?.status?.node_reports;
+                let ifs = r.into_iter().find(|r| r.node_name == node)?.interfaces;
+                ifs.into_iter().find(|i| i.device_index == 5)?.error
+            }
+        })
+        .await;
+        assert!(
+            reported.as_deref().unwrap_or("").contains("default route"),
+            "{reported:?}"
+        );
     }
     // Restart: nothing to change, and the daemon says so (no link changes counted).
     let mut mgr = Manager::start(
