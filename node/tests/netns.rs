@@ -246,6 +246,15 @@ async fn hotplugged_enis_are_configured_within_a_second() {
         "{metrics}"
     );
 
+    // Report writes settle: each write comes back as a watch event that must not cause
+    // another write.
+    let writes = mgr.log_text().matches("node report written").count();
+    assert!(
+        (1..=6).contains(&writes),
+        "{writes} report writes:\n{}",
+        mgr.log_text()
+    );
+
     // The controller drops the attachments: the daemon removes its report entry.
     set_attachments(&client, &name, serde_json::json!([])).await;
     let gone = eventually(Duration::from_secs(10), || {
