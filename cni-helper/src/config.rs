@@ -17,7 +17,14 @@ pub const MAX_INDEX: u64 = 255;
 /// `runtimeConfig` (capability args), `prevResult` (CHECK/DEL, chaining), `args`
 /// (conventions), and `deviceID` (Multus adds the allocated device of a NAD with a
 /// `k8s.v1.cni.cncf.io/resourceName` annotation).
-pub const PASSTHROUGH_KEYS: [&str; 4] = ["runtimeConfig", "prevResult", "args", "deviceID"];
+/// `cni.dev/valid-attachments` is what a spec 1.1 runtime sends with GC.
+pub const PASSTHROUGH_KEYS: [&str; 5] = [
+    "runtimeConfig",
+    "prevResult",
+    "args",
+    "deviceID",
+    "cni.dev/valid-attachments",
+];
 
 /// Errors in the network configuration.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -126,8 +133,12 @@ pub struct NetConf {
     pub kind: DelegateKind,
     /// The delegate's config object, as the user wrote it.
     pub delegate: Map<String, Value>,
-    /// Top-level keys passed through to the delegate (`runtimeConfig`, `prevResult`, `args`).
+    /// Top-level keys passed through to the delegate (see [`PASSTHROUGH_KEYS`]).
     pub passthrough: Map<String, Value>,
+    /// The device the kubelet allocated to the pod for this network, as the runtime passed
+    /// it: `runtimeConfig.deviceID`, else Multus's top-level `deviceID` / `pciBusID` (NADs
+    /// with a `k8s.v1.cni.cncf.io/resourceName` annotation).
+    pub allocated_device: Option<String>,
 }
 
 impl NetConf {
@@ -213,6 +224,15 @@ impl NetConf {
             .iter()
             .filter_map(|k| obj.get(*k).map(|v| ((*k).to_owned(), v.clone())))
             .collect();
+        let text = |v: Option<&Value>| {
+            v.and_then(Value::as_str)
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+        };
+        let allocated_device = text(obj.get("runtimeConfig").and_then(|r| r.get("deviceID")))
+            .or_else(|| text(obj.get("deviceID")))
+            .or_else(|| text(obj.get("pciBusID")));
 
         Ok(Self {
             cni_version,
@@ -224,6 +244,7 @@ impl NetConf {
             kind,
             delegate,
             passthrough,
+            allocated_device,
         })
     }
 
@@ -607,6 +628,33 @@ mod tests {
         assert_eq!(d["deviceID"], "0000:00:08.0");
         assert_eq!(d["runtimeConfig"]["deviceID"], "0000:00:08.0");
         assert_eq!(d["pciBusID"], "0000:00:08.0");
+        assert_eq!(c.allocated_device.as_deref(), Some("0000:00:08.0"));
+    }
+
+    #[test]
+    fn allocated_device_sources() {
+        let with = |extra: Value| {
+            let mut v = base();
+            v["delegate"] = json!({"type": "host-device"});
+            if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+                o.extend(e.clone());
+            }
+            conf(v).expect("valid").allocated_device
+        };
+        assert_eq!(with(json!({})), None);
+        assert_eq!(
+            with(json!({"pciBusID": "0000:00:09.0"})).as_deref(),
+            Some("0000:00:09.0")
+        );
+        assert_eq!(
+            with(json!({"pciBusID": "a", "deviceID": "b"})).as_deref(),
+            Some("b")
+        );
+        assert_eq!(
+            with(json!({"deviceID": "b", "runtimeConfig": {"deviceID": "c"}})).as_deref(),
+            Some("c")
+        );
+        assert_eq!(with(json!({"deviceID": ""})), None);
     }
 
     #[test]

@@ -63,8 +63,9 @@ impl Reply {
         }
     }
 
-    fn with_log(mut self, line: String) -> Self {
-        self.log.insert(0, line);
+    fn with_logs(mut self, mut lines: Vec<String>) -> Self {
+        lines.append(&mut self.log);
+        self.log = lines;
         self
     }
 }
@@ -123,35 +124,62 @@ fn describe(conf: &NetConf, r: &Resolution) -> String {
     )
 }
 
+/// The ENI this call works on, and what to log about it.
+///
+/// For host-device with a device the kubelet allocated to the pod (Multus passes it for NADs
+/// with a resourceName annotation), that device wins: handing the pod the device at
+/// `deviceIndex` instead could take a device allocated to another pod. A disagreement is
+/// logged.
+fn find_target(
+    conf: &NetConf,
+    resolver: &dyn ResolveEni,
+) -> (Result<Target, ResolveError>, Vec<String>) {
+    let res = resolver.resolve_eni(conf.device_index, conf.network_card_index);
+    if conf.kind == DelegateKind::HostDevice
+        && let Some(allocated) = &conf.allocated_device
+    {
+        let line = match &res {
+            Ok(r) if matches!(&r.target, Target::Pci(p) if p.eq_ignore_ascii_case(allocated)) => {
+                describe(conf, r)
+            }
+            Ok(r) => format!(
+                "cni-helper: {}: warning: using the device allocated to the pod, {allocated}; deviceIndex {} is {} (from {})",
+                conf.name, conf.device_index, r.target, r.source
+            ),
+            Err(e) => format!(
+                "cni-helper: {}: using the device allocated to the pod, {allocated} ({e})",
+                conf.name
+            ),
+        };
+        return (Ok(Target::Pci(allocated.clone())), vec![line]);
+    }
+    match res {
+        Ok(r) => {
+            let line = describe(conf, &r);
+            (Ok(r.target), vec![line])
+        }
+        Err(e) => (Err(e), Vec::new()),
+    }
+}
+
 fn add(
     conf: &NetConf,
     resolver: &dyn ResolveEni,
     delegates: &dyn Delegates,
 ) -> Result<Reply, CniError> {
-    let r = resolver
-        .resolve_eni(conf.device_index, conf.network_card_index)
-        .map_err(|e| e.to_cni())?;
-    if let Target::Mac(_) = r.target {
+    let (target, log) = find_target(conf, resolver);
+    let target = target.map_err(|e| e.to_cni())?;
+    if let Target::Mac(_) = target {
         return Err(CniError::new(
             CniCode::TryAgainLater,
-            format!("ENI {} has no usable interface", r.target),
+            format!("ENI {target} has no usable interface"),
         ));
     }
     let cfg = conf
-        .delegate_config(Some(&r.target))
+        .delegate_config(Some(&target))
         .map_err(|e| CniError::new(CniCode::EniUnusable, e.to_string()))?;
     let out = call(delegates, conf, "ADD", &cfg)?;
-    let mut reply = pass_through(conf, out)?.with_log(describe(conf, &r));
-    if let (Target::Pci(pci), Some(Value::String(allocated))) =
-        (&r.target, conf.passthrough.get("deviceID"))
-        && !pci.eq_ignore_ascii_case(allocated)
-    {
-        reply.log.push(format!(
-            "cni-helper: {}: warning: the runtime allocated device {allocated} but deviceIndex {} is {pci}",
-            conf.name, conf.device_index
-        ));
-    }
-    Ok(reply)
+    Ok(pass_through(conf, out)?.with_logs(log))
 }
 
 fn check(
@@ -160,21 +188,22 @@ fn check(
     delegates: &dyn Delegates,
 ) -> Result<Reply, CniError> {
     // CHECK works with the MAC alone (host-device moved the ENI into the pod).
-    let (target, log) = match resolver.resolve_eni(conf.device_index, conf.network_card_index) {
-        Ok(r) => (r.target.clone(), describe(conf, &r)),
+    let (target, mut log) = find_target(conf, resolver);
+    let target = match target {
+        Ok(t) => t,
         Err(ResolveError {
             partial: Some(t), ..
-        }) => (
-            t.clone(),
-            format!("cni-helper: {}: ENI only known as {t}", conf.name),
-        ),
+        }) => {
+            log.push(format!("cni-helper: {}: ENI only known as {t}", conf.name));
+            t
+        }
         Err(e) => return Err(e.to_cni()),
     };
     let cfg = conf
         .delegate_config(Some(&target))
         .map_err(|e| CniError::new(CniCode::EniUnusable, e.to_string()))?;
     let out = call(delegates, conf, "CHECK", &cfg)?;
-    Ok(pass_through(conf, out)?.with_log(log))
+    Ok(pass_through(conf, out)?.with_logs(log))
 }
 
 /// DEL is best-effort and idempotent: the delegate is always called when it exists, with
@@ -183,18 +212,17 @@ fn check(
 /// release its IPAM allocation and remove the pod's interface). When the ENI is gone, a
 /// delegate failure is logged and DEL succeeds.
 fn del(conf: &NetConf, resolver: &dyn ResolveEni, delegates: &dyn Delegates) -> Reply {
-    let (target, resolved, mut log) =
-        match resolver.resolve_eni(conf.device_index, conf.network_card_index) {
-            Ok(r) => (Some(r.target.clone()), true, vec![describe(conf, &r)]),
-            Err(e) => (
-                e.partial.clone(),
-                false,
-                vec![format!(
-                    "cni-helper: {}: DEL without a resolved ENI: {e}",
-                    conf.name
-                )],
-            ),
-        };
+    let (found, mut log) = find_target(conf, resolver);
+    let (target, resolved) = match found {
+        Ok(t) => (Some(t), true),
+        Err(e) => {
+            log.push(format!(
+                "cni-helper: {}: DEL without a resolved ENI: {e}",
+                conf.name
+            ));
+            (e.partial, false)
+        }
+    };
     let target = match (conf.kind, target) {
         (DelegateKind::HostDevice, Some(t)) => Some(t),
         (_, Some(Target::Netdev(n))) => Some(Target::Netdev(n)),
@@ -621,6 +649,51 @@ mod tests {
         );
         let v: Value = serde_json::from_slice(&r.stdout).expect("json");
         assert_eq!(v["code"], 11);
+    }
+
+    #[test]
+    fn host_device_uses_the_device_allocated_to_the_pod() {
+        const DPDK: &str = r#"{"version":1,"node":"n","enis":[{"eniID":"eni-d","macAddress":"02:00:00:00:00:02","deviceIndex":2,"networkCardIndex":0,"nodeENI":"x","interfaceName":null,"pciAddress":"0000:00:07.0","driver":"vfio-pci","dpdkBound":true,"resourceName":"intel.com/x"}]}"#;
+        let body = |extra: Value| {
+            let mut v = json!({"cniVersion": "1.0.0", "name": "eni", "deviceIndex": 2,
+                               "delegate": {"type": "host-device"}});
+            if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+                o.extend(e.clone());
+            }
+            v.to_string().into_bytes()
+        };
+        // Agreement: pciBusID from the state file, no warning.
+        let d = FakeDelegates::ok("{}");
+        let r = run(
+            &env(Command::Add),
+            &body(json!({"deviceID": "0000:00:07.0", "pciBusID": "0000:00:07.0"})),
+            &resolver_with(Some(DPDK)),
+            &d,
+        );
+        assert_eq!(r.exit, 0);
+        assert_eq!(d.calls.borrow()[0].2["pciBusID"], "0000:00:07.0");
+        assert!(!r.log.iter().any(|l| l.contains("warning")), "{:?}", r.log);
+        // Disagreement: the allocated device wins, with a warning.
+        let d = FakeDelegates::ok("{}");
+        let r = run(
+            &env(Command::Add),
+            &body(json!({"deviceID": "0000:00:09.0", "pciBusID": "0000:00:09.0"})),
+            &resolver_with(Some(DPDK)),
+            &d,
+        );
+        assert_eq!(r.exit, 0);
+        assert_eq!(d.calls.borrow()[0].2["pciBusID"], "0000:00:09.0");
+        assert!(r.log.iter().any(|l| l.contains("warning")), "{:?}", r.log);
+        // Unresolvable index, but an allocated device: still works.
+        let d = FakeDelegates::ok("{}");
+        let r = run(
+            &env(Command::Add),
+            &body(json!({"runtimeConfig": {"deviceID": "0000:00:09.0"}})),
+            &resolver_with(None),
+            &d,
+        );
+        assert_eq!(r.exit, 0, "{}", String::from_utf8_lossy(&r.stdout));
+        assert_eq!(d.calls.borrow()[0].2["pciBusID"], "0000:00:09.0");
     }
 
     #[test]

@@ -25,7 +25,12 @@ fn slave_lifecycle(kind: &str, extra: Value) {
     if let (Some(d), Some(e)) = (delegate.as_object_mut(), extra.as_object()) {
         d.extend(e.clone());
     }
-    let config = node.config(delegate, DEAD_IMDS);
+    let mut config = node.config(delegate, DEAD_IMDS);
+    // Multus-style runtimeConfig reaches the delegate: macvlan takes the pod's MAC from it.
+    let pod_mac = "02:aa:bb:cc:dd:01";
+    if kind == "macvlan" {
+        config["runtimeConfig"] = json!({"mac": pod_mac});
+    }
 
     let result = node.cni("ADD", &config, &pod).ok();
     assert_eq!(result["cniVersion"], "1.0.0", "{result}");
@@ -40,6 +45,9 @@ fn slave_lifecycle(kind: &str, extra: Value) {
         Some(node.ens7_ifindex()),
         "master is ens7: {net1}"
     );
+    if kind == "macvlan" {
+        assert_eq!(net1["address"], pod_mac, "runtimeConfig.mac applied");
+    }
     assert_eq!(node.reserved_ips().len(), 1);
 
     node.cni("CHECK", &with_prev_result(config.clone(), &result), &pod)
