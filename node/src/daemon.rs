@@ -399,7 +399,10 @@ pub async fn run(
                 .await;
         }
     });
-    // Link events coalesce into one wake-up, like watch events.
+    // Link events coalesce into one wake-up, like watch events. The stream ends only
+    // when the netlink connection is gone; the daemon then exits (and is restarted, which
+    // is safe: a restart re-applies nothing that is already in place).
+    let (link_lost_tx, mut link_lost) = tokio::sync::oneshot::channel::<()>();
     let link_task = tokio::spawn({
         let notify = notify.clone();
         async move {
@@ -407,7 +410,7 @@ pub async fn run(
             while events.next().await.is_some() {
                 notify.notify_one();
             }
-            warn!("netlink event stream ended; relying on the periodic resync");
+            let _ = link_lost_tx.send(());
         }
     });
     let (reports_tx, reports_rx) = watch::channel(None);
@@ -458,6 +461,12 @@ pub async fn run(
         }
         tokio::select! {
             _ = &mut shutdown => break,
+            _ = &mut link_lost => {
+                stop();
+                return Err(crate::Error::NetlinkSocket(std::io::Error::other(
+                    "the netlink connection closed",
+                )));
+            }
             _ = notify.notified() => {}
             _ = tick.tick() => {}
         }
