@@ -344,7 +344,84 @@ fn cnitool_drives_the_plugin() {
     assert!(node.reserved_ips().is_empty());
 }
 
+#[test]
+#[ignore = "integration: root, network namespaces, Debian CNI plugins, multus"]
+fn multus_thin_plugin_delegates_to_cni_helper() {
+    // Multus without a kubeconfig runs its static `delegates`: enough to check that it can
+    // exec cni-helper as a delegate (binDir), with its CNI_ARGS, and use its result.
+    let multus = peer_path("multus");
+    let node = Node::new("mul");
+    node.write_state();
+    let pod = Netns::new("mul-p");
+    let bin_dir = tempfile::tempdir().expect("tempdir");
+    for (name, target) in [
+        ("cni-helper", bin()),
+        (
+            "macvlan",
+            std::path::Path::new(DEBIAN_CNI_DIR).join("macvlan"),
+        ),
+        (
+            "host-local",
+            std::path::Path::new(DEBIAN_CNI_DIR).join("host-local"),
+        ),
+    ] {
+        std::os::unix::fs::symlink(target, bin_dir.path().join(name)).expect("symlink");
+    }
+    let cache = tempfile::tempdir().expect("tempdir");
+    let delegate = node.config(json!({"type": "macvlan", "mode": "bridge"}), DEAD_IMDS);
+    let conf = json!({
+        "cniVersion": "1.0.0", "name": "multus-test", "type": "multus",
+        "binDir": bin_dir.path(), "cniDir": cache.path(),
+        "delegates": [delegate],
+    });
+    let run = |cmd: &str| {
+        let mut child = std::process::Command::new("ip")
+            .args(["netns", "exec", &node.ns.name])
+            .arg(&multus)
+            .env("CNI_COMMAND", cmd)
+            .env("CNI_CONTAINERID", "multus-ctr")
+            .env("CNI_NETNS", pod.path())
+            .env("CNI_IFNAME", "net1")
+            .env("CNI_PATH", bin_dir.path())
+            .env(
+                "CNI_ARGS",
+                "IgnoreUnknown=true;K8S_POD_NAMESPACE=default;K8S_POD_NAME=p",
+            )
+            .env_remove("AWS_EC2_METADATA_DISABLED")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn multus");
+        std::io::Write::write_all(
+            &mut child.stdin.take().expect("stdin"),
+            conf.to_string().as_bytes(),
+        )
+        .expect("write config");
+        let out = child.wait_with_output().expect("wait multus");
+        assert!(
+            out.status.success(),
+            "multus {cmd}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let result: Value = serde_json::from_str(&run("ADD")).expect("result");
+    assert_eq!(result["interfaces"][0]["name"], "net1", "{result}");
+    let net1 = pod.link("net1").expect("net1");
+    assert_eq!(net1["link_index"].as_u64(), Some(node.ens7_ifindex()));
+    run("DEL");
+    assert!(pod.link("net1").is_none());
+    assert!(node.reserved_ips().is_empty());
+}
+
 fn cnitool_path() -> std::path::PathBuf {
+    peer_path("cnitool")
+}
+
+/// A peer binary from `hack/peers.sh` (`$ENI_BIN_DIR`, default ~/.cache/aws-multi-eni/bin).
+fn peer_path(name: &str) -> std::path::PathBuf {
     let dir = std::env::var_os("ENI_BIN_DIR")
         .map(std::path::PathBuf::from)
         .or_else(|| {
@@ -352,7 +429,7 @@ fn cnitool_path() -> std::path::PathBuf {
                 .map(|h| std::path::PathBuf::from(h).join(".cache/aws-multi-eni/bin"))
         })
         .expect("ENI_BIN_DIR or HOME");
-    let p = dir.join("cnitool");
+    let p = dir.join(name);
     assert!(p.is_file(), "{} missing: run hack/peers.sh", p.display());
     p
 }
