@@ -209,11 +209,17 @@ impl Imds {
             header.1
         );
         stream.write_all(req.as_bytes()).map_err(io("writing to"))?;
+        // Read until the response is complete (or the server closes): do not depend on the
+        // server honouring `Connection: close`.
         let mut raw = Vec::new();
-        stream
-            .take(MAX_RESPONSE)
-            .read_to_end(&mut raw)
-            .map_err(io("reading from"))?;
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut buf).map_err(io("reading from"))?;
+            raw.extend_from_slice(&buf[..n]);
+            if n == 0 || response_complete(&raw) || raw.len() as u64 > MAX_RESPONSE {
+                break;
+            }
+        }
         parse_response(&raw).ok_or(ImdsError::Http(ep))
     }
 
@@ -299,6 +305,32 @@ pub fn parse_mac_list(body: &str) -> Vec<String> {
         .map(|l| l.trim().trim_end_matches('/').to_ascii_lowercase())
         .filter(|l| !l.is_empty() && !l.contains(['/', '.', ' ']))
         .collect()
+}
+
+/// Whether `raw` holds a whole response (by Content-Length, or the last chunk). Without
+/// either, only the server closing the connection ends it.
+pub fn response_complete(raw: &[u8]) -> bool {
+    let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let Ok(head) = std::str::from_utf8(&raw[..split]) else {
+        return true; // malformed: stop reading, parsing will fail
+    };
+    let body = &raw[split + 4..];
+    for line in head.split("\r\n").skip(1) {
+        let Some((k, v)) = line.split_once(':') else {
+            continue;
+        };
+        if k.trim().eq_ignore_ascii_case("content-length") {
+            return v.trim().parse::<usize>().is_ok_and(|n| body.len() >= n);
+        }
+        if k.trim().eq_ignore_ascii_case("transfer-encoding")
+            && v.trim().eq_ignore_ascii_case("chunked")
+        {
+            return dechunk(body).is_some();
+        }
+    }
+    false
 }
 
 /// Parses a raw HTTP/1.x response into status and body (Content-Length or chunked).
@@ -406,6 +438,58 @@ mod tests {
         assert_eq!(parse_response(r), Some((404, String::new())));
         assert_eq!(parse_response(b"garbage"), None);
         assert_eq!(parse_response(b"SIP/2.0 200 OK\r\n\r\n"), None);
+    }
+
+    #[test]
+    fn response_completeness() {
+        assert!(!response_complete(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n"
+        ));
+        assert!(!response_complete(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhel"
+        ));
+        assert!(response_complete(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+        ));
+        assert!(!response_complete(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"
+        ));
+        assert!(response_complete(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+        ));
+        assert!(!response_complete(b"HTTP/1.1 200 OK\r\n\r\nuntil close"));
+    }
+
+    #[test]
+    fn keep_alive_server_does_not_stall_the_client() {
+        // A server that answers and keeps the connection open.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let server = std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for _ in 0..2 {
+                let (mut conn, _) = listener.accept().expect("accept");
+                let mut buf = [0u8; 1024];
+                let _ = conn.read(&mut buf);
+                let body = if held.is_empty() { "tok" } else { "" };
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: keep-alive\r\n\r\n{body}",
+                    body.len()
+                );
+                held.push(conn);
+            }
+            held
+        });
+        let imds = Imds::new(&url).expect("endpoint");
+        let start = std::time::Instant::now();
+        let (hit, seen) = imds.find(2, 0).expect("answers");
+        assert!(
+            start.elapsed() < TIMEOUT,
+            "did not wait for the server to close"
+        );
+        assert_eq!((hit, seen.len()), (None, 0));
+        drop(server.join());
     }
 
     #[test]
