@@ -1,7 +1,8 @@
 //! Benchmark of the device plugin: Allocate latency (p50 / p99 over N calls) and the
 //! re-registration time after a kubelet restart.
 //!
-//! `cargo run --release -p eni-deviceplugin --example bench-deviceplugin -- [--calls N] [--restarts N]`
+//! `cargo run --release -p eni-deviceplugin --example bench-deviceplugin -- [--calls N] [--restarts N]
+//! [--harness-args "--kubeconfig K --node-name N"]`
 //! (or `hack/bench-deviceplugin.sh`). Uses the real kubelet device-manager harness
 //! (`$ENI_BIN_DIR/kubelet-dp`, built by `hack/peers.sh`) when present, and always the
 //! in-process Rust client / fake kubelet. Temp dirs and Unix sockets only.
@@ -68,7 +69,14 @@ async fn main() {
     let mut harness = None;
     let mut fake = None;
     if have_go {
-        let mut k = KubeletDp::start_quiet(&dir, &[]);
+        let args: Vec<String> = std::env::args().collect();
+        let extra: Vec<&str> = args
+            .iter()
+            .position(|a| a == "--harness-args")
+            .and_then(|i| args.get(i + 1))
+            .map(|s| s.split_whitespace().collect())
+            .unwrap_or_default();
+        let mut k = KubeletDp::start_quiet(&dir, &extra);
         k.expect(Duration::from_secs(10), "ready", |v| is(v, "ready"))
             .await;
         harness = Some(k);

@@ -32,9 +32,14 @@ pub async fn connect_unix(path: &Path) -> Result<Channel, tonic::transport::Erro
         .await
 }
 
-/// Inode of the socket at `path`, if any.
-fn inode(path: &Path) -> Option<u64> {
-    std::fs::symlink_metadata(path).ok().map(|m| m.ino())
+/// Identity of the file at `path` (device, inode, change time), if any: a socket that
+/// was deleted and created again differs even when the inode number is reused.
+type FileId = (u64, u64, i64, i64);
+
+fn inode(path: &Path) -> Option<FileId> {
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino(), m.ctime(), m.ctime_nsec()))
 }
 
 /// Waits for the next directory event; never returns once the watcher is gone.
@@ -45,7 +50,7 @@ async fn next_event(rx: &mut watch::Receiver<u64>) {
 }
 
 struct Serving {
-    inode: u64,
+    inode: FileId,
     stop: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -157,8 +162,8 @@ impl Endpoint {
         let path = self.socket_path();
         let kubelet = self.kubelet_socket();
         let mut serving: Option<Serving> = None;
-        // Inode of the kubelet.sock we registered with: a new one means a new kubelet.
-        let mut registered_with: Option<u64> = None;
+        // Identity of the kubelet.sock we registered with: a new one means a new kubelet.
+        let mut registered_with: Option<FileId> = None;
         let mut ticker = tokio::time::interval(self.config.socket_check_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

@@ -50,13 +50,23 @@ impl PluginService {
     }
 }
 
-/// Writes the Multus device-info file atomically (temp file + rename).
-async fn write_devinfo(dir: &Path, resource: &str, pci: &str) -> std::io::Result<()> {
-    tokio::fs::create_dir_all(dir).await?;
-    let name = alloc::devinfo_file_name(resource, pci);
-    let tmp = dir.join(format!(".{name}.tmp"));
-    tokio::fs::write(&tmp, alloc::devinfo_json(pci)).await?;
-    tokio::fs::rename(&tmp, dir.join(name)).await
+/// Writes the Multus device-info files atomically (temp file + rename), skipping files
+/// that already hold the right content. Blocking: run it off the async threads.
+fn write_devinfo(dir: &Path, resource: &str, pcis: &[String]) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    for pci in pcis {
+        let name = alloc::devinfo_file_name(resource, pci);
+        let path = dir.join(&name);
+        let content = alloc::devinfo_json(pci);
+        if std::fs::read(&path).is_ok_and(|c| c == content.as_bytes()) {
+            continue;
+        }
+        let tmp = dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, &content)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| format!("write Multus device-info {}: {e}", path.display()))?;
+    }
+    Ok(())
 }
 
 type ListStream = Pin<Box<dyn Stream<Item = Result<api::ListAndWatchResponse, Status>> + Send>>;
@@ -129,17 +139,15 @@ impl api::device_plugin_server::DevicePlugin for PluginService {
                     tracing::warn!(resource = %self.resource, error = %e, "Allocate refused");
                     Status::from(e)
                 })?;
-            for e in &entries {
-                write_devinfo(&self.devinfo_dir, &self.resource, &e.device.pci_address)
-                    .await
-                    .map_err(|err| {
-                        Status::internal(format!(
-                            "write Multus device-info for {} in {}: {err}",
-                            e.device.pci_address,
-                            self.devinfo_dir.display()
-                        ))
-                    })?;
-            }
+            let pcis: Vec<String> = entries
+                .iter()
+                .map(|e| e.device.pci_address.clone())
+                .collect();
+            let (dir, resource) = (self.devinfo_dir.clone(), self.resource.clone());
+            tokio::task::spawn_blocking(move || write_devinfo(&dir, &resource, &pcis))
+                .await
+                .map_err(|e| Status::internal(format!("device-info task: {e}")))?
+                .map_err(Status::internal)?;
             tracing::info!(resource = %self.resource, devices = ?c.devices_ids, "allocated");
             container_responses.push(alloc::container_response(&self.resource, &entries));
         }
