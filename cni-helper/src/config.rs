@@ -329,6 +329,13 @@ pub enum TargetError {
     },
 }
 
+impl TargetError {
+    /// The CNI error code for this error.
+    pub fn code(&self) -> CniCode {
+        CniCode::EniUnusable
+    }
+}
+
 fn kind_of(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",

@@ -4,11 +4,11 @@ use serde_json::Value;
 
 use crate::cni::{self, CniCode, CniEnv, CniError, Command};
 use crate::config::{DelegateKind, NetConf, Target};
+use crate::exec::{Delegates, ExecError, Output};
+use crate::resolve::{Resolution, ResolveError};
 
 /// Interface named in the delegate config on DEL when the ENI is gone (see `del`).
 pub const CLEANUP_PLACEHOLDER: &str = "lo";
-use crate::exec::{Delegates, ExecError, Output};
-use crate::resolve::{Resolution, ResolveError};
 
 /// Resolves an ENI (implemented by [`crate::resolve::Resolver`]; stubbed in tests).
 pub trait ResolveEni {
@@ -177,7 +177,7 @@ fn add(
     }
     let cfg = conf
         .delegate_config(Some(&target))
-        .map_err(|e| CniError::new(CniCode::EniUnusable, e.to_string()))?;
+        .map_err(|e| CniError::new(e.code(), e.to_string()))?;
     let out = call(delegates, conf, "ADD", &cfg)?;
     Ok(pass_through(conf, out)?.with_logs(log))
 }
@@ -201,7 +201,7 @@ fn check(
     };
     let cfg = conf
         .delegate_config(Some(&target))
-        .map_err(|e| CniError::new(CniCode::EniUnusable, e.to_string()))?;
+        .map_err(|e| CniError::new(e.code(), e.to_string()))?;
     let out = call(delegates, conf, "CHECK", &cfg)?;
     Ok(pass_through(conf, out)?.with_logs(log))
 }
@@ -241,10 +241,7 @@ fn del(conf: &NetConf, resolver: &dyn ResolveEni, delegates: &dyn Delegates) -> 
     let cfg = match conf.delegate_config(target.as_ref()) {
         Ok(c) => c,
         Err(e) => {
-            return Reply::error(
-                &CniError::new(CniCode::EniUnusable, e.to_string()),
-                &conf.cni_version,
-            );
+            return Reply::error(&CniError::new(e.code(), e.to_string()), &conf.cni_version);
         }
     };
     let reply = match call(delegates, conf, "DEL", &cfg) {
@@ -306,7 +303,7 @@ fn forward_if_supported(
     }
     let cfg = conf
         .delegate_config(None)
-        .map_err(|e| CniError::new(CniCode::EniUnusable, e.to_string()))?;
+        .map_err(|e| CniError::new(e.code(), e.to_string()))?;
     let name = if command == Command::Status {
         "STATUS"
     } else {
