@@ -75,12 +75,34 @@ fn ipvlan_add_check_del() {
         std::env::var_os("CNI_HELPER_REQUIRE_IPVLAN").is_none(),
         "CNI_HELPER_REQUIRE_IPVLAN is set but this kernel cannot create ipvlan links"
     );
-    eprintln!("NOTE: kernel without ipvlan support: checking error pass-through only");
+    eprintln!(
+        "NOTE: kernel without ipvlan support: checking the ipvlan call and error pass-through only"
+    );
     let node = Node::new("ipv");
     node.write_state();
     let pod = Netns::new("ipv-p");
     let config = node.config(json!({"type": "ipvlan", "mode": "l2"}), DEAD_IMDS);
-    let run = node.cni("ADD", &config, &pod);
+    // Record what cni-helper hands the real ipvlan plugin.
+    let wrap = tempfile::tempdir().expect("tempdir");
+    let seen = wrap.path().join("ipvlan-stdin.json");
+    let script = wrap.path().join("ipvlan");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\ntee {} | exec {DEBIAN_CNI_DIR}/ipvlan\n",
+            seen.display()
+        ),
+    )
+    .expect("write wrapper");
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod wrapper");
+    let path = format!("{}:{DEBIAN_CNI_DIR}", wrap.path().display());
+    let run = node.cni_with_path("ADD", &config, &pod, &path);
+    let given: Value = serde_json::from_slice(&std::fs::read(&seen).expect("ipvlan was called"))
+        .expect("delegate config");
+    assert_eq!(given["master"], "ens7", "{given}");
+    assert_eq!(given["mode"], "l2", "{given}");
+    assert_eq!(given["name"], "eni-net", "{given}");
     let e = run.err();
     assert!(
         run.stderr.contains("-> ens7 (from state file)"),

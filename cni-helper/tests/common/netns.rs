@@ -207,6 +207,17 @@ impl Node {
 
     /// Runs cni-helper as a CNI plugin inside the node namespace.
     pub fn cni(&self, command: &str, config: &Value, pod: &Netns) -> CniRun {
+        self.cni_with_path(command, config, pod, DEBIAN_CNI_DIR)
+    }
+
+    /// Like [`Node::cni`] with another `CNI_PATH`.
+    pub fn cni_with_path(
+        &self,
+        command: &str,
+        config: &Value,
+        pod: &Netns,
+        cni_path: &str,
+    ) -> CniRun {
         let mut child = Command::new("ip")
             .args(["netns", "exec", &self.ns.name])
             .arg(bin())
@@ -216,7 +227,7 @@ impl Node {
             .env("CNI_CONTAINERID", format!("ctr-{}", pod.name))
             .env("CNI_NETNS", pod.path())
             .env("CNI_IFNAME", "net1")
-            .env("CNI_PATH", DEBIAN_CNI_DIR)
+            .env("CNI_PATH", cni_path)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
