@@ -49,6 +49,7 @@ fn arg(name: &str, default: usize) -> usize {
 
 #[tokio::main]
 async fn main() {
+    init_tracing_with("eni_deviceplugin=warn");
     let calls = arg("--calls", 10_000);
     let restarts = arg("--restarts", 20);
     let host = Host::new();

@@ -164,6 +164,10 @@ impl Endpoint {
         let mut serving: Option<Serving> = None;
         // Identity of the kubelet.sock we registered with: a new one means a new kubelet.
         let mut registered_with: Option<FileId> = None;
+        // After a failed Register (e.g. kubelet.sock bound but not listening yet), retry soon
+        // (20 ms, doubling up to the check period)
+        // instead of waiting for the next directory event.
+        let mut retry: Option<std::time::Duration> = None;
         let mut ticker = tokio::time::interval(self.config.socket_check_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -212,6 +216,7 @@ impl Endpoint {
                 match outcome {
                     Some(Ok(())) => {
                         registered_with = Some(k);
+                        retry = None;
                         tracing::info!(
                             resource = %self.resource,
                             elapsed_ms = started.elapsed().as_millis() as u64,
@@ -219,15 +224,30 @@ impl Endpoint {
                         );
                     }
                     Some(Err(e)) => {
-                        tracing::warn!(resource = %self.resource, error = %e, "registration failed, will retry");
+                        let next = retry
+                            .map_or(std::time::Duration::from_millis(20), |d| d * 2)
+                            .min(self.config.socket_check_interval);
+                        retry = Some(next);
+                        if next >= std::time::Duration::from_millis(160) {
+                            tracing::warn!(resource = %self.resource, error = %e, retry_in = ?next, "registration failed");
+                        } else {
+                            tracing::debug!(resource = %self.resource, error = %e, retry_in = ?next, "registration failed");
+                        }
                     }
                     None => continue,
                 }
             }
+            let retry_sleep = async {
+                match retry {
+                    Some(d) if registered_with.is_none() => tokio::time::sleep(d).await,
+                    _ => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = self.cancel.cancelled() => break,
                 _ = next_event(&mut self.dir_events) => {}
                 _ = ticker.tick() => {}
+                _ = retry_sleep => {}
             }
         }
         if let Some(s) = serving.take() {

@@ -19,8 +19,12 @@ use tokio_util::sync::CancellationToken;
 
 /// Logs of the plugin on the test's output (`RUST_LOG` overrides the default filter).
 pub fn init_tracing() {
+    init_tracing_with("eni_deviceplugin=info");
+}
+
+pub fn init_tracing_with(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("eni_deviceplugin=info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_test_writer()
