@@ -272,6 +272,7 @@ mod tests {
             noiommu,
             numa_node: Some(0),
             group_device_present: true,
+            vfio_container_present: true,
         };
         DeviceEntry::new(
             BoundDevice {

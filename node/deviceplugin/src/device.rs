@@ -44,6 +44,8 @@ pub struct DeviceFacts {
     pub numa_node: Option<i64>,
     /// The host group device (`/dev/vfio/<n>` or `/dev/vfio/noiommu-<n>`) exists.
     pub group_device_present: bool,
+    /// The VFIO container device `/dev/vfio/vfio` exists.
+    pub vfio_container_present: bool,
 }
 
 impl DeviceFacts {
@@ -133,6 +135,9 @@ pub fn evaluate_health(device: &BoundDevice, facts: &DeviceFacts) -> Health {
         if !facts.group_device_present {
             return Health::Unhealthy(format!("{} is missing", group.host_path));
         }
+        if !facts.vfio_container_present {
+            return Health::Unhealthy("/dev/vfio/vfio is missing".to_owned());
+        }
     }
     Health::Healthy
 }
@@ -196,6 +201,7 @@ impl DeviceProbe for SysfsProbe {
             noiommu,
             numa_node,
             group_device_present,
+            vfio_container_present: self.dev_root.join("vfio/vfio").exists(),
         }
     }
 }
@@ -223,6 +229,7 @@ mod tests {
             noiommu: true,
             numa_node: Some(0),
             group_device_present: true,
+            vfio_container_present: true,
         }
     }
 
@@ -274,6 +281,15 @@ mod tests {
             ..good()
         };
         assert!(!evaluate_health(&dev("vfio-pci"), &facts).is_healthy());
+        let facts = DeviceFacts {
+            vfio_container_present: false,
+            ..good()
+        };
+        let h = evaluate_health(&dev("vfio-pci"), &facts);
+        assert!(
+            matches!(h, Health::Unhealthy(ref r) if r.contains("/dev/vfio/vfio")),
+            "{h:?}"
+        );
     }
 
     #[test]
@@ -320,11 +336,14 @@ mod tests {
                 noiommu: true,
                 numa_node: Some(1),
                 group_device_present: false,
+                vfio_container_present: false,
             }
         );
         std::fs::create_dir_all(devroot.join("vfio"))?;
         std::fs::write(devroot.join("vfio/noiommu-7"), "")?;
-        assert!(probe.probe("0000:00:07.0").group_device_present);
+        std::fs::write(devroot.join("vfio/vfio"), "")?;
+        let f = probe.probe("0000:00:07.0");
+        assert!(f.group_device_present && f.vfio_container_present);
         std::fs::write(d.join("numa_node"), "-1\n")?;
         assert_eq!(probe.probe("0000:00:07.0").numa_node, None);
         assert_eq!(probe.probe("0000:00:08.0"), DeviceFacts::default());

@@ -150,7 +150,9 @@ pub async fn run_with_probe(
                 }
                 for (resource, (tx, _)) in &endpoints {
                     let snap = snaps.remove(resource).unwrap_or_default();
-                    publish(tx, resource, snap);
+                    for id in publish(tx, resource, snap) {
+                        remove_devinfo(&config.devinfo_dir, resource, &id);
+                    }
                 }
                 for (resource, snap) in snaps {
                     let (tx, rx) = watch::channel(Arc::new(snap));
@@ -192,8 +194,22 @@ pub async fn run_with_probe(
     Ok(())
 }
 
+/// Removes the Multus device-info file of a device that is no longer advertised.
+fn remove_devinfo(dir: &std::path::Path, resource: &str, id: &str) {
+    let path = dir.join(alloc::devinfo_file_name(resource, id));
+    match std::fs::remove_file(&path) {
+        Ok(()) => tracing::debug!(path = %path.display(), "removed device-info file"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "could not remove device-info file")
+        }
+    }
+}
+
 /// Replaces the resource's snapshot if it changed (which wakes every ListAndWatch).
-fn publish(tx: &watch::Sender<Arc<Snapshot>>, resource: &str, snap: Snapshot) {
+/// Returns the IDs that were removed.
+fn publish(tx: &watch::Sender<Arc<Snapshot>>, resource: &str, snap: Snapshot) -> Vec<String> {
+    let mut removed = Vec::new();
     tx.send_if_modified(|old| {
         if **old == snap {
             return false;
@@ -210,10 +226,12 @@ fn publish(tx: &watch::Sender<Arc<Snapshot>>, resource: &str, snap: Snapshot) {
             .filter(|id| !snap.devices.contains_key(*id))
         {
             tracing::info!(%resource, device = %id, "device removed");
+            removed.push(id.clone());
         }
         *old = Arc::new(snap);
         true
     });
+    removed
 }
 
 type DirEvents = inotify::EventStream<[u8; 4096]>;

@@ -235,9 +235,15 @@ async fn list_follows_devices_and_health() {
     })
     .await;
 
-    // Unbound by the node daemon -> removed from the list; all gone -> empty list.
+    // Unbound by the node daemon -> removed from the list (and its Multus device-info
+    // file with it); all gone -> empty list.
+    let devinfo_a = host
+        .path("devinfo")
+        .join(format!("intel.com-intel_sriov_netdevice-{A}-device.json"));
+    assert!(devinfo_a.exists());
     plugin.tx.send_replace(vec![bound(B, RES, "vfio-pci")]);
     wait_list(&mut stream, 5, "A removed", |l| l.devices.len() == 1).await;
+    assert!(!devinfo_a.exists());
     plugin.tx.send_replace(vec![]);
     wait_list(&mut stream, 5, "empty list", |l| l.devices.is_empty()).await;
     plugin.stop().await;
@@ -456,6 +462,63 @@ async fn plugins_registry_mode() {
     wait_list(&mut stream, 5, "list", |l| l.devices.len() == 1).await;
     // Nothing in the device-plugin directory.
     assert!(!host.path("device-plugins").join(socket_name(RES)).exists());
+    drop(stream);
+    plugin.stop().await;
+}
+
+#[tokio::test]
+async fn survives_the_plugin_directory_being_recreated() {
+    let host = Host::new();
+    host.add_device(A, "vfio-pci", 0, true, 0);
+    let dir = host.path("device-plugins");
+    let mut kubelet = FakeKubelet::start(&dir);
+    let plugin = start(host.config(), vec![bound(A, RES, "vfio-pci")]);
+    kubelet.next_registration(5).await;
+    drop(kubelet);
+    // The whole directory goes away and comes back with a new kubelet.
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut kubelet = FakeKubelet::start(&dir);
+    let t = Instant::now();
+    let r = kubelet.next_registration(5).await;
+    println!(
+        "re-registered {:?} after the directory was recreated",
+        t.elapsed()
+    );
+    assert!(t.elapsed() < Duration::from_secs(2));
+    let mut client = plugin_client(&dir.join(&r.endpoint)).await;
+    let mut stream = client
+        .list_and_watch(api::Empty {})
+        .await
+        .unwrap()
+        .into_inner();
+    wait_list(&mut stream, 5, "list", |l| l.devices.len() == 1).await;
+    drop(stream);
+    plugin.stop().await;
+}
+
+#[tokio::test]
+async fn missing_vfio_container_device_is_unhealthy() {
+    let host = Host::new();
+    host.add_device(A, "vfio-pci", 0, false, 0);
+    let mut kubelet = FakeKubelet::start(&host.path("device-plugins"));
+    let plugin = start(host.config(), vec![bound(A, RES, "vfio-pci")]);
+    let r = kubelet.next_registration(5).await;
+    let mut client = plugin_client(&host.path("device-plugins").join(&r.endpoint)).await;
+    let mut stream = client
+        .list_and_watch(api::Empty {})
+        .await
+        .unwrap()
+        .into_inner();
+    wait_list(&mut stream, 5, "healthy", |l| {
+        health_of(l, A) == Some("Healthy")
+    })
+    .await;
+    host.remove_group_device("vfio");
+    wait_list(&mut stream, 5, "unhealthy", |l| {
+        health_of(l, A) == Some("Unhealthy")
+    })
+    .await;
     drop(stream);
     plugin.stop().await;
 }
