@@ -20,6 +20,9 @@
 //	  restart                                   stop, wipe sockets, serve kubelet.sock again
 //	  quit
 //
+// By default it exits when stdin closes; --exit-on-stdin-eof=false keeps it running until
+// SIGINT/SIGTERM, for use as a long-running kubelet stand-in (e.g. the demo).
+//
 // With --kubeconfig and --node-name it also writes status.capacity (all devices) and
 // status.allocatable (healthy devices) of the registered resources onto the Node object,
 // as the kubelet does.
@@ -32,11 +35,13 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"os/signal"
 	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -374,6 +379,7 @@ func main() {
 	registry := flag.String("plugins-registry", "", "optional plugins_registry directory watched by the kubelet plugin manager")
 	kubeconfig := flag.String("kubeconfig", "", "optional kubeconfig: write capacity/allocatable onto the Node")
 	nodeName := flag.String("node-name", "", "Node whose status is written (with --kubeconfig)")
+	exitOnEOF := flag.Bool("exit-on-stdin-eof", true, "exit when stdin closes; with false, run until SIGINT/SIGTERM (long-running kubelet stand-in)")
 	klogFlags := flag.NewFlagSet("klog", flag.ExitOnError)
 	klog.InitFlags(klogFlags)
 	verbosity := flag.String("v", "0", "klog verbosity (logs go to stderr)")
@@ -436,13 +442,20 @@ func main() {
 		h.emit(map[string]any{"event": "plugin-manager", "dir": *registry})
 	}
 
+	quit := false
 	sc := bufio.NewScanner(os.Stdin)
 	sc.Buffer(make([]byte, 1<<20), 1<<20)
 	for sc.Scan() {
 		done, err := h.command(sc.Text())
 		if err != nil || done {
+			quit = true
 			break
 		}
+	}
+	if !quit && !*exitOnEOF {
+		sigs := make(chan os.Signal, 1)
+		signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
+		<-sigs
 	}
 	close(stop)
 	h.mu.Lock()
