@@ -41,7 +41,9 @@ async fn shutdown_signal() {
     info!("signal received");
 }
 
-#[tokio::main]
+// Two workers whatever the node size: the daemon is mostly idle, and every extra worker
+// thread costs memory (its own stack and malloc arena).
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let cfg = Config::parse();
     init_tracing(cfg.log_format);
