@@ -359,3 +359,93 @@ async fn restart_reapplies_nothing_and_resync_repairs_drift() {
         .await
         .expect("delete");
 }
+
+/// The DPDK path through the binary, as the local demo runs it: a fake sysfs tree with
+/// `--simulate-pci-kernel`, the ENI's netdev in the namespace pointing at its fake PCI
+/// device, found by MAC -> netdev -> PCI address and bound to vfio-pci.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "integration: needs root and kube-apiserver (make test-integration)"]
+async fn dpdk_eni_found_by_mac_is_bound_and_reported() {
+    use eni_node::sysfs::fake::FakeTree;
+    let (client, server) = client_with_crd().await;
+    let ns = Netns::new("dp");
+    let node = format!("test-node-{}", ns.name);
+    let name = format!("it-{}", ns.name);
+    let mac = "02:5e:00:00:02:07";
+    let pci = "0000:00:07.0";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tree = FakeTree::new(&dir.path().join("sys")).expect("fake sysfs");
+    tree.add_ena(pci).expect("ena");
+    tree.add_netdev("ens7", pci).expect("netdev link");
+    ns.add_dummy("ens7", mac);
+    let mut a = attachment(&node, "eni-0ccccccccccccccc1", mac, 2, None);
+    a["dpdkEnabled"] = true.into();
+    a["dpdkDriver"] = "vfio-pci".into();
+    a["dpdkResourceName"] = "intel.com/intel_sriov_netdevice".into();
+    nodeeni_with_attachments(&client, &name, serde_json::json!([a])).await;
+
+    let mut mgr = Manager::start(
+        &server.kubeconfig,
+        &node,
+        &ns.path(),
+        dir.path(),
+        &["--simulate-pci-kernel"],
+    );
+    mgr.wait_ready(Duration::from_secs(30));
+    let api: Api<NodeENI> = Api::all(client.clone());
+    let report = eventually(Duration::from_secs(10), || {
+        let api = api.clone();
+        let (name, node) = (name.clone(), node.clone());
+        async move {
+            let r = api.get(&name).await.ok()?.status?.node_reports;
+            let i = r
+                .into_iter()
+                .find(|r| r.node_name == node)?
+                .interfaces
+                .pop()?;
+            i.dpdk_bound.then_some(i)
+        }
+    })
+    .await
+    .unwrap_or_else(|| panic!("not reported bound; log:\n{}", mgr.log_text()));
+    assert_eq!(report.pci_address.as_deref(), Some(pci));
+    assert_eq!(report.driver.as_deref(), Some("vfio-pci"));
+    assert_eq!(report.interface_name, None);
+    assert_eq!(
+        report.resource_name.as_deref(),
+        Some("intel.com/intel_sriov_netdevice")
+    );
+    assert!(
+        report
+            .device_name
+            .as_deref()
+            .unwrap_or("")
+            .contains("Elastic Network Adapter"),
+        "{report:?}"
+    );
+    assert_eq!(
+        std::fs::read_link(tree.path("bus/pci/devices/0000:00:07.0/driver")).expect("driver link"),
+        std::path::PathBuf::from("../../drivers/vfio-pci")
+    );
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join("state/enis.json")).expect("state file"),
+    )
+    .expect("json");
+    assert_eq!(state["enis"][0]["pciAddress"], pci);
+    assert_eq!(state["enis"][0]["dpdkBound"], true);
+    assert_eq!(state["enis"][0]["interfaceName"], serde_json::Value::Null);
+
+    // DPDK turned off: the device goes back to ena.
+    let mut a = attachment(&node, "eni-0ccccccccccccccc1", mac, 2, None);
+    a["dpdkEnabled"] = false.into();
+    set_attachments(&client, &name, serde_json::json!([a])).await;
+    let back = poll(Duration::from_secs(5), || {
+        std::fs::read_link(tree.path("bus/pci/devices/0000:00:07.0/driver"))
+            .ok()
+            .filter(|l| l.ends_with("ena"))
+    });
+    assert!(back.is_some(), "not given back; log:\n{}", mgr.log_text());
+    api.delete(&name, &DeleteParams::default())
+        .await
+        .expect("delete");
+}
