@@ -295,7 +295,7 @@ pub fn plan(desired: &[Desired], observed: &Observed, opts: Options) -> Plan {
     for d in desired {
         let mut p = EniPlan {
             desired: d.clone(),
-            link: observed.links.iter().find(|l| l.mac == d.mac).cloned(),
+            link: find_by_mac(&observed.links, &d.mac).cloned(),
             pci: None,
             pci_info: None,
             actions: Vec::new(),
@@ -392,6 +392,15 @@ pub fn plan(desired: &[Desired], observed: &Observed, opts: Options) -> Plan {
         }
     }
     out
+}
+
+/// The interface with `mac`. VLANs, bonds, bridges and macvlans can share a NIC's MAC:
+/// prefer the one backed by a PCI device, then the lowest ifindex (created first).
+fn find_by_mac<'a>(links: &'a [Link], mac: &str) -> Option<&'a Link> {
+    links
+        .iter()
+        .filter(|l| l.mac == mac)
+        .min_by_key(|l| (l.pci_address.is_none(), l.index))
 }
 
 fn plan_netdev(p: &mut EniPlan, observed: &Observed, opts: Options) {
@@ -556,6 +565,18 @@ mod tests {
             ]
         );
         assert!(p.releases.is_empty());
+    }
+
+    #[test]
+    fn a_mac_shared_with_a_vlan_or_bond_resolves_to_the_pci_device() {
+        let mut nic = link(9, "ens7", M1);
+        nic.pci_address = Some("0000:00:07.0".into());
+        let obs = Observed {
+            links: vec![link(3, "bond0", M1), nic],
+            ..Default::default()
+        };
+        let p = plan(&[want(M1, 2)], &obs, Options::default());
+        assert_eq!(p.enis[0].link.as_ref().map(|l| l.index), Some(9));
     }
 
     #[test]
@@ -848,5 +869,82 @@ mod tests {
                 pci_address: Some("0000:00:08.0".into())
             })
         );
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn arb_link() -> impl Strategy<Value = Link> {
+            (1u32..40, 0u8..12, 500u32..9100, any::<bool>(), 0u8..4).prop_map(
+                |(index, m, mtu, up, alt)| Link {
+                    index,
+                    name: format!("if{index}"),
+                    mac: format!("02:00:00:00:00:{m:02x}"),
+                    mtu,
+                    up,
+                    alt_names: if alt == 0 {
+                        vec![format!("eth{}", m % 4)]
+                    } else {
+                        vec![]
+                    },
+                    pci_address: None,
+                },
+            )
+        }
+
+        fn arb_desired() -> impl Strategy<Value = Desired> {
+            (0u8..12, 0i32..6, 576u32..9002).prop_map(|(m, idx, mtu)| Desired {
+                node_eni: "ne".into(),
+                eni_id: format!("eni-{m}"),
+                mac: format!("02:00:00:00:00:{m:02x}"),
+                device_index: idx,
+                network_card_index: 0,
+                mtu,
+                dpdk: None,
+            })
+        }
+
+        proptest! {
+            /// Whatever the node looks like, the plan only ever changes links whose MAC
+            /// belongs to an attachment at a non-zero device index, never a link with a
+            /// default route, and never adds an altname some other link already has.
+            #[test]
+            fn only_owned_links_are_touched(
+                links in proptest::collection::vec(arb_link(), 0..12),
+                desired in proptest::collection::vec(arb_desired(), 0..8),
+                primary in proptest::collection::btree_set(1u32..40, 0..3),
+                stable in any::<bool>(),
+            ) {
+                let obs = Observed { links: links.clone(), primary: primary.clone(), ..Default::default() };
+                let p = plan(&desired, &obs, Options { stable_names: stable });
+                prop_assert_eq!(p.enis.len(), desired.len());
+                for e in &p.enis {
+                    for a in &e.actions {
+                        let index = match a {
+                            Action::SetUp { index } | Action::SetMtu { index, .. } | Action::AddAltName { index, .. } => *index,
+                            Action::Bind { .. } => { prop_assert!(false, "no DPDK here"); 0 }
+                        };
+                        prop_assert!(!primary.contains(&index));
+                        prop_assert_ne!(e.desired.device_index, 0);
+                        let link = e.link.as_ref().expect("acted on a link");
+                        prop_assert_eq!(link.index, index);
+                        prop_assert_eq!(&link.mac, &e.desired.mac);
+                        if let Action::AddAltName { alt, .. } = a {
+                            prop_assert!(!links.iter().any(|l| l.index != index && (&l.name == alt || l.alt_names.contains(alt))));
+                        }
+                    }
+                }
+            }
+
+            #[test]
+            fn mac_normalisation_is_idempotent(bytes in proptest::array::uniform6(any::<u8>())) {
+                let upper = format_mac(&bytes).to_uppercase();
+                let n = normalize_mac(&upper).expect("valid");
+                let again = normalize_mac(&n);
+                prop_assert_eq!(again.as_deref(), Some(n.as_str()));
+                prop_assert_eq!(n, format_mac(&bytes));
+            }
+        }
     }
 }
