@@ -8,7 +8,7 @@
 //! own netlink socket in the namespace sees the link up with MTU 9001 (event-driven, no
 //! polling). Prints median / p99 / max, and the daemon's RSS when idle.
 
-#[path = "../tests/common.rs"]
+#[path = "../tests/common/mod.rs"]
 mod common;
 
 use std::time::{Duration, Instant};
