@@ -36,7 +36,7 @@ build_go() { # name dir ldflags packages...
   fi
   if stamp_ok "$name" "${inputs[@]}"; then return; fi
   log "building $name (cached in $ENI_BIN_DIR; a cold build takes minutes)"
-  (cd "$HACK_DIR/peers/$dir" && go build -trimpath -ldflags "$ldflags" -o "$ENI_BIN_DIR/" "$@")
+  (cd "$HACK_DIR/peers/$dir" && go build -trimpath -ldflags "$ldflags" -o "$ENI_BIN_DIR/$name" "$@")
   stamp_write "$name" "${inputs[@]}"
 }
 
@@ -72,7 +72,6 @@ if [[ ${1:-} != --print ]]; then
     build_go kubelet-dp kube "-s -w" ./kubelet-dp
   fi
   build_go etcd etcd "-s -w" go.etcd.io/etcd/server/v3
-  [[ -x $ENI_BIN_DIR/v3 ]] && mv -f "$ENI_BIN_DIR/v3" "$ENI_BIN_DIR/etcd"
   build_go helm helm "-s -w" helm.sh/helm/v3/cmd/helm
   build_go multus multus "-s -w" gopkg.in/k8snetworkplumbingwg/multus-cni.v4/cmd/multus
   build_go cnitool cnitool "-s -w" github.com/containernetworking/cni/cnitool

@@ -28,12 +28,21 @@ mod tests {
     #[test]
     fn crd_has_the_older_controllers_names() {
         let crd = crd();
-        assert_eq!(crd.metadata.name.as_deref(), Some("nodeenis.networking.k8s.aws"));
+        assert_eq!(
+            crd.metadata.name.as_deref(),
+            Some("nodeenis.networking.k8s.aws")
+        );
         assert_eq!(crd.spec.scope, "Cluster");
         assert_eq!(crd.spec.names.short_names, Some(vec!["neni".to_string()]));
         let version = &crd.spec.versions[0];
         assert_eq!(version.name, "v1alpha1");
-        assert!(version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some());
+        assert!(
+            version
+                .subresources
+                .as_ref()
+                .and_then(|s| s.status.as_ref())
+                .is_some()
+        );
     }
 
     #[test]

@@ -32,6 +32,8 @@ pub const DPDK_DRIVERS: [&str; 3] = ["vfio-pci", "uio_pci_generic", "igb_uio"];
 /// `deviceIndex` (multi-subnet: `deviceIndex`, `deviceIndex + 1`, ... in subnet order,
 /// the same on every Node). The node daemon brings the interfaces up, sets the MTU and,
 /// for DPDK, binds them to a userspace-I/O driver and advertises them to the kubelet.
+// Several `printcolumn(...)` entries repeat the same keys by design.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(
     group = "networking.k8s.aws",
@@ -126,7 +128,10 @@ pub struct NodeENISpec {
     /// Subnets to create ENIs in: one ENI per subnet per Node, at consecutive device
     /// indexes starting at `deviceIndex`.
     #[serde(rename = "subnetIDs", default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 32), inner(regex(pattern = r"^subnet-([0-9a-f]{8}|[0-9a-f]{17})$")))]
+    #[schemars(
+        length(max = 32),
+        inner(regex(pattern = r"^subnet-([0-9a-f]{8}|[0-9a-f]{17})$"))
+    )]
     pub subnet_ids: Vec<String>,
 
     /// Subnet to create the ENI in, by its `Name` tag, looked up in the Node's VPC.
@@ -140,8 +145,15 @@ pub struct NodeENISpec {
     pub subnet_names: Vec<String>,
 
     /// Security groups for the ENI.
-    #[serde(rename = "securityGroupIDs", default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 16), inner(regex(pattern = r"^sg-([0-9a-f]{8}|[0-9a-f]{17})$")))]
+    #[serde(
+        rename = "securityGroupIDs",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    #[schemars(
+        length(max = 16),
+        inner(regex(pattern = r"^sg-([0-9a-f]{8}|[0-9a-f]{17})$"))
+    )]
     pub security_group_ids: Vec<String>,
 
     /// Security groups by group name (or, failing that, `Name` tag) in the Node's VPC;
@@ -174,7 +186,11 @@ pub struct NodeENISpec {
     pub dpdk_enabled: Option<bool>,
 
     /// Same as `dpdkEnabled` (the spelling the older controller's code read).
-    #[serde(rename = "enableDPDK", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "enableDPDK",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub enable_dpdk: Option<bool>,
 
     /// Driver DPDK ENIs are bound to (default `vfio-pci`).
@@ -187,13 +203,19 @@ pub struct NodeENISpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(
         length(max = 253),
-        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+        regex(
+            pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+        )
     )]
     pub dpdk_resource_name: Option<String>,
 
     /// PCI address of the device to bind, when the node daemon should not find it from
     /// the ENI's MAC address (e.g. `0000:00:06.0`).
-    #[serde(rename = "dpdkPCIAddress", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "dpdkPCIAddress",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     #[schemars(regex(pattern = r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$"))]
     pub dpdk_pci_address: Option<String>,
 }

@@ -35,7 +35,11 @@ pub struct NodeENIStatus {
     pub subnet_ids: Vec<String>,
 
     /// Security groups the ENIs carry, resolved from the spec.
-    #[serde(rename = "securityGroupIDs", default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        rename = "securityGroupIDs",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub security_group_ids: Vec<String>,
 
     /// One entry per (Node, subnet) ENI the controller manages.
@@ -102,7 +106,11 @@ pub struct ENIAttachment {
     #[serde(rename = "subnetID", default)]
     pub subnet_id: String,
     /// CIDR block of the subnet.
-    #[serde(rename = "subnetCIDR", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "subnetCIDR",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub subnet_cidr: Option<String>,
     /// Device index on the instance.
     #[serde(default)]
@@ -117,7 +125,11 @@ pub struct ENIAttachment {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac_address: Option<String>,
     /// Primary private IPv4 address of the ENI.
-    #[serde(rename = "privateIPAddress", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "privateIPAddress",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub private_ip_address: Option<String>,
     /// `Creating`, `Attaching`, `Attached`, `Detaching`, `Deleting` or `Failed`.
     #[schemars(extend("enum" = ["Creating", "Attaching", "Attached", "Detaching", "Deleting", "Failed"]))]
@@ -138,7 +150,11 @@ pub struct ENIAttachment {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dpdk_resource_name: Option<String>,
     /// PCI address of the ENI's device, as found by the node daemon.
-    #[serde(rename = "dpdkPCIAddress", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "dpdkPCIAddress",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub dpdk_pci_address: Option<String>,
 }
 
@@ -179,7 +195,11 @@ pub struct InterfaceReport {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtu: Option<i32>,
     /// PCI address of the device.
-    #[serde(rename = "pciAddress", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "pciAddress",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub pci_address: Option<String>,
     /// Driver the device is bound to.
     #[serde(default, skip_serializing_if = "Option::is_none")]

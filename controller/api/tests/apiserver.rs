@@ -73,7 +73,9 @@ spec:
     // Defaults are applied by the API server.
     assert_eq!(read.spec.device_index, 1);
     assert!(read.spec.delete_on_termination);
-    api.delete("round-trip", &DeleteParams::default()).await.expect("delete");
+    api.delete("round-trip", &DeleteParams::default())
+        .await
+        .expect("delete");
 }
 
 /// Manifests written for the older Go controller apply unchanged, including both DPDK
@@ -83,11 +85,26 @@ spec:
 async fn older_controller_manifests_apply_unchanged() {
     let client = client_with_crd().await;
     let manifests = [
-        ("old-basic", "nodeSelector: {ng: multi-eni}\n  subnetID: subnet-0f59b4f14737be9ad\n  securityGroupIDs: [sg-05da196f3314d4af8]\n  deviceIndex: 2\n  deleteOnTermination: true\n  description: Multus ENI"),
-        ("old-names", "nodeSelector: {ng: multi-eni}\n  subnetName: multus-test-subnet-1\n  securityGroupNames: [multus-security-group]\n  deviceIndex: 2\n  mtu: 9001"),
-        ("old-multi", "nodeSelector: {ng: multi-eni}\n  subnetIDs: [subnet-0f59b4f14737be9ad, subnet-0a1b2c3d4e5f60718]\n  subnetNames: [other]\n  securityGroupIDs: [sg-05da196f3314d4af8]\n  securityGroupNames: [multus-security-group]"),
-        ("old-dpdk-readme", "nodeSelector: {ng: multi-eni}\n  subnetID: subnet-0f59b4f14737be9ad\n  securityGroupIDs: [sg-05da196f3314d4af8]\n  dpdkEnabled: true\n  dpdkDriver: vfio-pci\n  dpdkResourceName: intel.com/intel_sriov_netdevice"),
-        ("old-dpdk-code", "nodeSelector: {ng: multi-eni}\n  subnetID: subnet-0f59b4f14737be9ad\n  securityGroupIDs: [sg-05da196f3314d4af8]\n  enableDPDK: true\n  dpdkDriver: vfio-pci\n  dpdkResourceName: intel.com/sriov_kernel\n  dpdkPCIAddress: \"0000:00:07.0\""),
+        (
+            "old-basic",
+            "nodeSelector: {ng: multi-eni}\n  subnetID: subnet-0f59b4f14737be9ad\n  securityGroupIDs: [sg-05da196f3314d4af8]\n  deviceIndex: 2\n  deleteOnTermination: true\n  description: Multus ENI",
+        ),
+        (
+            "old-names",
+            "nodeSelector: {ng: multi-eni}\n  subnetName: multus-test-subnet-1\n  securityGroupNames: [multus-security-group]\n  deviceIndex: 2\n  mtu: 9001",
+        ),
+        (
+            "old-multi",
+            "nodeSelector: {ng: multi-eni}\n  subnetIDs: [subnet-0f59b4f14737be9ad, subnet-0a1b2c3d4e5f60718]\n  subnetNames: [other]\n  securityGroupIDs: [sg-05da196f3314d4af8]\n  securityGroupNames: [multus-security-group]",
+        ),
+        (
+            "old-dpdk-readme",
+            "nodeSelector: {ng: multi-eni}\n  subnetID: subnet-0f59b4f14737be9ad\n  securityGroupIDs: [sg-05da196f3314d4af8]\n  dpdkEnabled: true\n  dpdkDriver: vfio-pci\n  dpdkResourceName: intel.com/intel_sriov_netdevice",
+        ),
+        (
+            "old-dpdk-code",
+            "nodeSelector: {ng: multi-eni}\n  subnetID: subnet-0f59b4f14737be9ad\n  securityGroupIDs: [sg-05da196f3314d4af8]\n  enableDPDK: true\n  dpdkDriver: vfio-pci\n  dpdkResourceName: intel.com/sriov_kernel\n  dpdkPCIAddress: \"0000:00:07.0\"",
+        ),
     ];
     let api: Api<NodeENI> = Api::all(client.clone());
     for (name, spec) in manifests {
@@ -107,7 +124,9 @@ async fn older_controller_manifests_apply_unchanged() {
         if name.starts_with("old-dpdk") {
             assert!(read.spec.dpdk(), "{name}: DPDK flag lost");
         }
-        api.delete(name, &DeleteParams::default()).await.expect("delete");
+        api.delete(name, &DeleteParams::default())
+            .await
+            .expect("delete");
     }
 }
 
@@ -121,7 +140,7 @@ async fn invalid_manifests_are_rejected_naming_the_field() {
         ("no security group", "subnetID: subnet-0f59b4f14737be9ad".to_string(), "spec.securityGroupIDs"),
         ("device index 0", format!("{ok_net}\n  deviceIndex: 0"), "spec.deviceIndex"),
         ("device index too high", format!("{ok_net}\n  deviceIndex: 64"), "spec.deviceIndex"),
-        ("subnets past the last index", format!("securityGroupIDs: [sg-05da196f3314d4af8]\n  deviceIndex: 63\n  subnetIDs: [subnet-0f59b4f14737be9ad, subnet-0a1b2c3d4e5f60718, subnet-00000000]"), "spec.deviceIndex"),
+        ("subnets past the last index", "securityGroupIDs: [sg-05da196f3314d4af8]\n  deviceIndex: 63\n  subnetIDs: [subnet-0f59b4f14737be9ad, subnet-0a1b2c3d4e5f60718, subnet-00000000]".to_string(), "spec.deviceIndex"),
         ("mtu too small", format!("{ok_net}\n  mtu: 500"), "spec.mtu"),
         ("mtu too large", format!("{ok_net}\n  mtu: 9002"), "spec.mtu"),
         ("malformed subnet id", "subnetID: subnet-xyz\n  securityGroupIDs: [sg-05da196f3314d4af8]".to_string(), "spec.subnetID"),

@@ -66,7 +66,14 @@ impl ApiServer {
 
         let sa_key = d.join("sa.key");
         let status = Command::new("openssl")
-            .args(["ecparam", "-genkey", "-name", "prime256v1", "-noout", "-out"])
+            .args([
+                "ecparam",
+                "-genkey",
+                "-name",
+                "prime256v1",
+                "-noout",
+                "-out",
+            ])
             .arg(&sa_key)
             .status()
             .map_err(io("run openssl to make a service-account key"))?;
@@ -89,6 +96,8 @@ impl ApiServer {
                 format!("--secure-port={port}"),
                 "--bind-address=127.0.0.1".into(),
                 "--advertise-address=127.0.0.1".into(),
+                // Loopback cannot be advertised as the kubernetes Service endpoint.
+                "--endpoint-reconciler-type=none".into(),
                 format!("--cert-dir={}", d.join("certs").display()),
                 "--service-account-issuer=https://kubernetes.default.svc".into(),
                 format!("--service-account-key-file={}", sa_key.display()),

@@ -1,0 +1,311 @@
+//! eni-controller: turns NodeENI resources into attached AWS ENIs and back.
+//!
+//! Layout:
+//! * [`config`]: flags and environment.
+//! * [`ec2`]: the narrow EC2 trait and its AWS SDK adapter.
+//! * [`plan`]: the pure planning step, unit tested.
+//! * [`reconciler`]: observe -> plan -> execute -> status, per NodeENI.
+//! * [`inventory`], [`resolve`]: in-memory EC2 state and name caches.
+//! * [`ratelimit`]: client-side EC2 token buckets.
+//! * [`server`]: `/healthz`, `/readyz`, `/metrics`.
+
+pub mod config;
+pub mod ec2;
+pub mod inventory;
+pub mod metrics;
+pub mod plan;
+pub mod ratelimit;
+pub mod reconciler;
+pub mod resolve;
+pub mod server;
+mod tasks;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use aws_config::BehaviorVersion;
+use aws_config::retry::RetryConfig;
+use eni_api::NodeENI;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Node;
+use kube::runtime::controller::Controller;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use tokio::sync::{Notify, mpsc};
+use tracing::{error, info, warn};
+
+use crate::config::ControllerArgs;
+use crate::ec2::Ec2;
+use crate::ec2::aws::AwsEc2;
+use crate::inventory::{Instances, Inventory};
+use crate::metrics::Metrics;
+use crate::ratelimit::{Bucket, Limits, RateLimiter};
+use crate::reconciler::{Context, ReconcilerConfig};
+use crate::resolve::Resolver;
+
+/// Errors that stop the controller.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Bad flags.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// Kubernetes client setup or API failure.
+    #[error("kubernetes: {0}")]
+    Kube(#[from] kube::Error),
+    /// EC2 failure at start-up.
+    #[error("EC2: {0}")]
+    Ec2(#[from] ec2::Ec2Error),
+    /// The metrics server could not start.
+    #[error("metrics server on {addr}: {source}")]
+    Server {
+        /// Address.
+        addr: std::net::SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Leader election failed.
+    #[error("leader election: {0}")]
+    Lease(#[from] kube_lease_manager::LeaseManagerError),
+    /// This replica lost the leader lease.
+    #[error("lost the leader lease; exiting so a fresh replica can take over")]
+    LostLease,
+}
+
+/// Runs the controller until the process is told to stop.
+pub async fn run(args: ControllerArgs) -> Result<(), Error> {
+    args.validate().map_err(Error::Config)?;
+    let client = Client::try_default().await?;
+    let metrics = Metrics::new();
+    let ready = Arc::new(AtomicBool::new(false));
+    let server = server::serve(args.metrics_addr, metrics.clone(), ready.clone())
+        .await
+        .map_err(|source| Error::Server {
+            addr: args.metrics_addr,
+            source,
+        })?;
+    tokio::spawn(server);
+
+    let identity = args
+        .pod_name
+        .clone()
+        .unwrap_or_else(|| format!("eni-controller-{}", std::process::id()));
+    let _lease = if args.leader_elect {
+        Some(acquire_leadership(&client, &args, &identity, &metrics, &ready).await?)
+    } else {
+        None
+    };
+
+    let ec2 = aws_ec2(&args, metrics.clone()).await;
+    run_with(client, ec2, args, metrics, ready, identity).await
+}
+
+/// Builds the AWS SDK EC2 adapter from the flags.
+pub async fn aws_ec2(args: &ControllerArgs, metrics: Metrics) -> AwsEc2 {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        // The adapter retries itself, with the shared rate limiter in the loop.
+        .retry_config(RetryConfig::disabled());
+    if let Some(region) = &args.aws_region {
+        loader = loader.region(aws_config::Region::new(region.clone()));
+    }
+    let shared = loader.load().await;
+    let mut builder = aws_sdk_ec2::config::Builder::from(&shared);
+    if let Some(endpoint) = &args.ec2_endpoint {
+        builder = builder.endpoint_url(endpoint);
+    }
+    let limiter = RateLimiter::new(Limits {
+        mutating: Bucket {
+            burst: args.ec2_mutating_burst,
+            per_second: args.ec2_mutating_rate,
+        },
+        describe: Bucket {
+            burst: args.ec2_describe_burst,
+            per_second: args.ec2_describe_rate,
+        },
+    });
+    AwsEc2::new(
+        aws_sdk_ec2::Client::from_conf(builder.build()),
+        metrics,
+        limiter,
+    )
+}
+
+/// Waits until this replica holds the Lease; a background task exits the process
+/// (through the returned handle's channel) if the lease is lost later.
+async fn acquire_leadership(
+    client: &Client,
+    args: &ControllerArgs,
+    identity: &str,
+    metrics: &Metrics,
+    ready: &Arc<AtomicBool>,
+) -> Result<tokio::task::JoinHandle<()>, Error> {
+    let manager = kube_lease_manager::LeaseManagerBuilder::new(
+        client.clone(),
+        args.leader_election_id.clone(),
+    )
+    .with_namespace(args.leader_election_namespace.clone())
+    .with_identity(identity.to_string())
+    .with_duration(15)
+    .with_grace(5)
+    .build()
+    .await?;
+    let (mut leader, task) = manager.watch().await;
+    // A standby replica is healthy and ready: it serves probes and metrics while waiting.
+    ready.store(true, Ordering::SeqCst);
+    info!(lease = %args.leader_election_id, %identity, "waiting for leadership");
+    while !*leader.borrow_and_update() {
+        if leader.changed().await.is_err() {
+            return match task.await {
+                Ok(Err(e)) => Err(e.into()),
+                _ => Err(Error::LostLease),
+            };
+        }
+    }
+    info!(%identity, "became leader");
+    metrics.leader.set(1);
+    Ok(tokio::spawn(async move {
+        loop {
+            if leader.changed().await.is_err() || !*leader.borrow_and_update() {
+                error!("{}", Error::LostLease);
+                std::process::exit(1);
+            }
+        }
+    }))
+}
+
+/// Runs the controller with a given EC2 implementation (tests pass a mock or moto).
+pub async fn run_with<E: Ec2>(
+    client: Client,
+    ec2: E,
+    args: ControllerArgs,
+    metrics: Metrics,
+    ready: Arc<AtomicBool>,
+    identity: String,
+) -> Result<(), Error> {
+    // Adopt what exists before acting: everything tagged with this cluster.
+    let inventory = Arc::new(Mutex::new(Inventory::default()));
+    let started = tokio::time::Instant::now();
+    let existing = ec2
+        .describe_enis(ec2::EniQuery::Tag(
+            eni_api::tags::CLUSTER.to_string(),
+            args.cluster_name.clone(),
+        ))
+        .await?;
+    info!(enis = existing.len(), "loaded managed ENIs");
+    inventory::lock(&inventory).replace_all(existing, started);
+
+    let nodeenis: Api<NodeENI> = Api::all(client.clone());
+    let nodes: Api<Node> = Api::all(client.clone());
+    let (node_store, node_writer) = reflector::store::<Node>();
+    let node_events = watcher(nodes, watcher::Config::default().any_semantic())
+        .default_backoff()
+        // Keep only what the controller reads: labels, providerID, deletion.
+        .modify(tasks::strip_node)
+        .reflect(node_writer);
+
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "eni-controller".into(),
+            instance: Some(identity),
+        },
+    );
+    let in_flight = Arc::new(Notify::new());
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        ec2,
+        config: ReconcilerConfig {
+            cluster_name: args.cluster_name.clone(),
+            resync_period: args.resync_period,
+            detach_timeout: args.detachment_timeout,
+            parallel_operations: args.max_concurrent_eni_operations,
+            parallel_cleanups: args.max_concurrent_eni_cleanup,
+            pass_budget: std::time::Duration::from_secs(10),
+        },
+        inventory,
+        instances: Instances::default(),
+        resolver: Resolver::new(args.name_cache_ttl),
+        nodes: node_store,
+        recorder,
+        metrics,
+        in_flight: in_flight.clone(),
+    });
+
+    let (trigger_tx, trigger_rx) = mpsc::unbounded_channel::<ObjectRef<NodeENI>>();
+    tokio::spawn(tasks::poll_in_flight(
+        ctx.clone(),
+        args.in_flight_poll_interval,
+        trigger_tx.clone(),
+    ));
+    tokio::spawn(tasks::resync(
+        ctx.clone(),
+        args.resync_period,
+        trigger_tx.clone(),
+    ));
+    if !args.orphan_grace_period.is_zero() {
+        tokio::spawn(tasks::sweep_orphans(
+            ctx.clone(),
+            nodeenis.clone(),
+            args.orphan_grace_period,
+            args.orphan_dry_run,
+        ));
+    }
+
+    let controller = Controller::new(nodeenis, watcher::Config::default().any_semantic())
+        .with_config(
+            kube::runtime::controller::Config::default()
+                .concurrency(args.max_concurrent_reconciles)
+                .debounce(std::time::Duration::from_millis(500)),
+        );
+    let nodeeni_store = controller.store();
+    let node_mapper = move |node: Node| {
+        // A Node change concerns the NodeENIs that select it now or have ENIs on it.
+        let name = node.name_any();
+        nodeeni_store
+            .state()
+            .iter()
+            .filter(|n| {
+                n.spec.selects(node.labels())
+                    || n.status
+                        .as_ref()
+                        .is_some_and(|s| s.attachments.iter().any(|a| a.node_id == name))
+            })
+            .map(|n| ObjectRef::from_obj(n.as_ref()))
+            .collect::<Vec<_>>()
+    };
+    let trigger_stream = tokio_stream_from(trigger_rx);
+    ready.store(true, Ordering::SeqCst);
+    info!("controller running");
+    controller
+        .watches_stream(tasks::node_changes(node_events), node_mapper)
+        .reconcile_on(trigger_stream)
+        .shutdown_on_signal()
+        .run(reconciler::reconcile, reconciler::error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                match e {
+                    kube::runtime::controller::Error::ObjectNotFound(_) => {}
+                    other => warn!(error = %other, "controller"),
+                }
+            }
+        })
+        .await;
+    info!("controller stopped");
+    Ok(())
+}
+
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: mpsc::UnboundedReceiver<T>,
+) -> impl futures::Stream<Item = T> + Send {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// Labels of a NodeENI's managed ENIs, for tests and tools.
+pub fn ownership_tags(cluster: &str, nodeeni: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (eni_api::tags::CLUSTER.to_string(), cluster.to_string()),
+        (eni_api::tags::NODE_ENI.to_string(), nodeeni.to_string()),
+    ])
+}

@@ -1,0 +1,191 @@
+//! Background tasks around the reconciler: Node change filtering, the in-flight poller,
+//! the periodic inventory resync and the orphan sweeper.
+
+use std::collections::{BTreeSet, HashMap};
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use eni_api::NodeENI;
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::Node;
+use kube::api::ListParams;
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Api, ResourceExt};
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::ec2::{Ec2, EniQuery};
+use crate::inventory::{lock, owner};
+use crate::reconciler::Context;
+
+/// Drops everything of a Node the controller does not read.
+pub fn strip_node(node: &mut Node) {
+    node.status = None;
+    node.metadata.managed_fields = None;
+    node.metadata.annotations = None;
+    if let Some(spec) = node.spec.as_mut() {
+        spec.taints = None;
+        spec.pod_cidrs = None;
+        spec.pod_cidr = None;
+        spec.config_source = None;
+    }
+}
+
+fn fingerprint(node: &Node) -> u64 {
+    let mut h = DefaultHasher::new();
+    node.labels().hash(&mut h);
+    node.spec
+        .as_ref()
+        .and_then(|s| s.provider_id.as_deref())
+        .hash(&mut h);
+    node.metadata.deletion_timestamp.is_some().hash(&mut h);
+    h.finish()
+}
+
+/// Node watch events reduced to the Nodes whose labels, providerID or deletion changed
+/// (heartbeats and status updates are dropped), plus deleted Nodes.
+pub fn node_changes<S>(events: S) -> impl Stream<Item = Result<Node, watcher::Error>> + Send
+where
+    S: Stream<Item = Result<watcher::Event<Node>, watcher::Error>> + Send + 'static,
+{
+    let mut seen: HashMap<String, u64> = HashMap::new();
+    events.filter_map(move |event| {
+        let out = match event {
+            Ok(watcher::Event::Apply(node)) | Ok(watcher::Event::InitApply(node)) => {
+                let fp = fingerprint(&node);
+                let changed = seen.insert(node.name_any(), fp) != Some(fp);
+                changed.then_some(Ok(node))
+            }
+            Ok(watcher::Event::Delete(node)) => {
+                seen.remove(&node.name_any());
+                Some(Ok(node))
+            }
+            Ok(watcher::Event::Init) | Ok(watcher::Event::InitDone) => None,
+            Err(e) => Some(Err(e)),
+        };
+        futures::future::ready(out)
+    })
+}
+
+fn trigger(tx: &UnboundedSender<ObjectRef<NodeENI>>, names: BTreeSet<String>) {
+    for name in names {
+        let _ = tx.send(ObjectRef::new(&name));
+    }
+}
+
+/// Polls ENIs with an attach or detach in flight, in one batched describe per interval,
+/// and reconciles their NodeENIs when the state moves. Idle when nothing is in flight.
+pub async fn poll_in_flight<E: Ec2>(
+    ctx: Arc<Context<E>>,
+    interval: Duration,
+    tx: UnboundedSender<ObjectRef<NodeENI>>,
+) {
+    loop {
+        if lock(&ctx.inventory).in_flight().is_empty() {
+            ctx.in_flight.notified().await;
+        }
+        tokio::time::sleep(interval).await;
+        let ids = lock(&ctx.inventory).in_flight();
+        if ids.is_empty() {
+            continue;
+        }
+        match ctx.ec2.describe_enis(EniQuery::Ids(ids.clone())).await {
+            Ok(found) => {
+                let changed = lock(&ctx.inventory).refresh(&ids, found);
+                trigger(&tx, changed);
+            }
+            Err(e) => warn!(error = %e, "polling in-flight ENIs"),
+        }
+    }
+}
+
+/// Re-reads every managed ENI once per period (one paginated describe) so changes made
+/// behind the controller's back (deleted or detached ENIs) are noticed and repaired.
+pub async fn resync<E: Ec2>(
+    ctx: Arc<Context<E>>,
+    period: Duration,
+    tx: UnboundedSender<ObjectRef<NodeENI>>,
+) {
+    let mut tick = tokio::time::interval_at(Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let started = Instant::now();
+        let query = EniQuery::Tag(
+            eni_api::tags::CLUSTER.to_string(),
+            ctx.config.cluster_name.clone(),
+        );
+        match ctx.ec2.describe_enis(query).await {
+            Ok(all) => {
+                let changed = lock(&ctx.inventory).replace_all(all, started);
+                if !changed.is_empty() {
+                    info!(nodeenis = ?changed, "resync found ENIs changed outside the controller");
+                }
+                trigger(&tx, changed);
+            }
+            Err(e) => warn!(error = %e, "resync of managed ENIs failed"),
+        }
+    }
+}
+
+/// Deletes `available` ENIs owned by this cluster whose NodeENI no longer exists (or
+/// whose Node is gone), once they have been orphaned for `grace`.
+pub async fn sweep_orphans<E: Ec2>(
+    ctx: Arc<Context<E>>,
+    nodeenis: Api<NodeENI>,
+    grace: Duration,
+    dry_run: bool,
+) {
+    let period = (grace / 4).clamp(Duration::from_secs(5), Duration::from_secs(300));
+    let mut first_seen: HashMap<String, Instant> = HashMap::new();
+    let mut tick = tokio::time::interval_at(Instant::now() + period, period);
+    loop {
+        tick.tick().await;
+        let existing: BTreeSet<String> = match nodeenis.list_metadata(&ListParams::default()).await
+        {
+            Ok(list) => list.items.iter().map(|n| n.name_any()).collect(),
+            Err(e) => {
+                warn!(error = %e, "orphan sweep: cannot list NodeENIs");
+                continue;
+            }
+        };
+        let nodes: BTreeSet<String> = ctx.nodes.state().iter().map(|n| n.name_any()).collect();
+        let orphans: Vec<String> = lock(&ctx.inventory)
+            .all()
+            .filter(|e| e.attachment.is_none())
+            .filter(|e| {
+                let nodeeni_gone = owner(e).is_none_or(|o| !existing.contains(&o));
+                let node_gone = e
+                    .tags
+                    .get(eni_api::tags::NODE)
+                    .is_none_or(|n| !nodes.contains(n));
+                nodeeni_gone || node_gone
+            })
+            .map(|e| e.id.clone())
+            .collect();
+        first_seen.retain(|id, _| orphans.contains(id));
+        for id in orphans {
+            let since = *first_seen.entry(id.clone()).or_insert_with(Instant::now);
+            if since.elapsed() < grace {
+                continue;
+            }
+            ctx.metrics.orphans_found.inc();
+            if dry_run {
+                info!(eni = %id, "orphaned ENI (dry run: not deleting)");
+                continue;
+            }
+            match ctx.ec2.delete_eni(id.clone()).await {
+                Ok(()) => {
+                    info!(eni = %id, "deleted orphaned ENI");
+                    lock(&ctx.inventory).remove(&id);
+                    ctx.metrics.orphans_deleted.inc();
+                    first_seen.remove(&id);
+                }
+                Err(e) => warn!(eni = %id, error = %e, "could not delete orphaned ENI"),
+            }
+        }
+    }
+}
