@@ -160,6 +160,7 @@ impl ApiServer {
 
     /// The admin client configuration.
     pub async fn config(&self) -> Result<Config, Error> {
+        crate::install_crypto_provider();
         let kc = Kubeconfig::read_from(&self.kubeconfig)?;
         Ok(Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?)
     }

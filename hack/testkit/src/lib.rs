@@ -53,6 +53,13 @@ pub enum Error {
     KubeConfig(#[from] kube::config::KubeconfigError),
 }
 
+/// Selects rustls' ring backend process-wide. Test binaries that link both kube (ring)
+/// and the AWS SDK (aws-lc-rs) must pick one before the first TLS connection, as the
+/// binaries' `main` does.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Directory holding the cached peer binaries.
 pub fn bin_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("ENI_BIN_DIR") {

@@ -1,0 +1,1 @@
+//! Helm chart tests (stub while the charts are written).
