@@ -1,0 +1,34 @@
+{{/* Fixed names, as in the older project: DaemonSet eni-manager. */}}
+{{- define "eni-manager.name" -}}eni-manager{{- end -}}
+
+{{- define "eni-manager.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "eni-manager.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: aws-multi-eni
+{{- end -}}
+
+{{- define "eni-manager.selectorLabels" -}}
+app.kubernetes.io/name: eni-manager
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "eni-manager.serviceAccountName" -}}
+{{- required "serviceAccount.name is required" .Values.serviceAccount.name -}}
+{{- end -}}
+
+{{- define "eni-manager.image" -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
+{{- end -}}
+
+{{/* Security context shared by the containers that only touch host paths as root. */}}
+{{- define "eni-manager.rootNoCaps" -}}
+runAsUser: 0
+runAsNonRoot: false
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+privileged: false
+capabilities:
+  drop: ["ALL"]
+{{- end -}}
