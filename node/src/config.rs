@@ -4,7 +4,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::builder::TypedValueParser;
 use clap::{Parser, ValueEnum};
+use eni_deviceplugin::{Config as DevicePluginConfig, RegistrationMode};
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -91,6 +93,80 @@ pub struct Config {
           action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
           value_parser = clap::builder::FalseyValueParser::new())]
     pub simulate_pci_kernel: bool,
+
+    /// Serve the kubelet device plugin (deviceplugin/v1beta1) that advertises DPDK-bound
+    /// ENIs as extended resources (`dpdkResourceName`, default
+    /// `intel.com/intel_sriov_netdevice`). `--device-plugin=false` turns it off.
+    #[arg(long, env = "ENI_MANAGER_DEVICE_PLUGIN", default_value_t = true,
+          action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
+          value_parser = clap::builder::FalseyValueParser::new())]
+    pub device_plugin: bool,
+
+    /// Directory holding the kubelet's `kubelet.sock` and (in `device-plugin`
+    /// registration mode) the plugin sockets.
+    #[arg(
+        long,
+        env = "ENI_MANAGER_DEVICE_PLUGIN_DIR",
+        default_value = "/var/lib/kubelet/device-plugins"
+    )]
+    pub device_plugin_dir: PathBuf,
+
+    /// How the device plugin registers: `device-plugin` (call `Register` on
+    /// `kubelet.sock`) or `plugins-registry` (a socket in --plugins-registry-dir that the
+    /// kubelet's plugin watcher discovers).
+    #[arg(
+        long,
+        env = "ENI_MANAGER_DEVICE_PLUGIN_REGISTRATION",
+        default_value = "device-plugin",
+        value_parser = clap::builder::PossibleValuesParser::new(["device-plugin", "plugins-registry"])
+            .try_map(|s| s.parse::<RegistrationMode>())
+    )]
+    pub device_plugin_registration: RegistrationMode,
+
+    /// The kubelet's plugin-watcher directory (used with
+    /// `--device-plugin-registration=plugins-registry`).
+    #[arg(
+        long,
+        env = "ENI_MANAGER_PLUGINS_REGISTRY_DIR",
+        default_value = "/var/lib/kubelet/plugins_registry"
+    )]
+    pub plugins_registry_dir: PathBuf,
+
+    /// Where the host's `/dev` is visible to this process (the device plugin checks that
+    /// `vfio/vfio` and the vfio group devices exist). Paths handed to the kubelet always
+    /// say `/dev/...`.
+    #[arg(long, env = "ENI_MANAGER_DEV_ROOT", default_value = "/dev")]
+    pub dev_root: PathBuf,
+
+    /// Directory of the Multus device-info files (`<resource>-<pci>-device.json`)
+    /// written at Allocate.
+    #[arg(
+        long,
+        env = "ENI_MANAGER_DEVINFO_DIR",
+        default_value = "/var/run/k8s.cni.cncf.io/devinfo/dp"
+    )]
+    pub devinfo_dir: PathBuf,
+
+    /// Also advertise non-DPDK ENIs (still on their kernel driver) under this resource
+    /// name, for `host-device` users. Unset: only DPDK-bound ENIs are advertised.
+    #[arg(long, env = "ENI_MANAGER_NETDEV_RESOURCE_NAME")]
+    pub netdev_resource_name: Option<String>,
+}
+
+impl Config {
+    /// The device plugin's settings (`None` when `--device-plugin=false`).
+    pub fn device_plugin_config(&self) -> Option<DevicePluginConfig> {
+        self.device_plugin.then(|| DevicePluginConfig {
+            device_plugin_dir: self.device_plugin_dir.clone(),
+            registration: self.device_plugin_registration,
+            plugins_registry_dir: self.plugins_registry_dir.clone(),
+            sysfs_root: self.sysfs_root.clone(),
+            dev_root: self.dev_root.clone(),
+            devinfo_dir: self.devinfo_dir.clone(),
+            netdev_resource: self.netdev_resource_name.clone(),
+            ..DevicePluginConfig::default()
+        })
+    }
 }
 
 #[cfg(test)]
@@ -138,6 +214,60 @@ mod tests {
         assert!(
             Config::try_parse_from(["eni-manager", "--node-name", "n", "--default-mtu", "100"])
                 .is_err()
+        );
+    }
+
+    #[test]
+    fn device_plugin_flags() {
+        let c = Config::try_parse_from(["eni-manager", "--node-name", "n1"]).expect("parses");
+        assert_eq!(
+            c.device_plugin_config(),
+            Some(DevicePluginConfig::default()),
+            "defaults are the production paths"
+        );
+        let c = Config::try_parse_from([
+            "eni-manager",
+            "--node-name",
+            "n1",
+            "--sysfs-root",
+            "/tmp/sys",
+            "--device-plugin-dir",
+            "/tmp/dp",
+            "--device-plugin-registration",
+            "plugins-registry",
+            "--plugins-registry-dir",
+            "/tmp/reg",
+            "--dev-root",
+            "/tmp/dev",
+            "--devinfo-dir",
+            "/tmp/devinfo",
+            "--netdev-resource-name",
+            "example.com/eni",
+        ])
+        .expect("parses");
+        let dp = c.device_plugin_config().expect("enabled");
+        assert_eq!(dp.device_plugin_dir, PathBuf::from("/tmp/dp"));
+        assert_eq!(dp.registration, RegistrationMode::PluginsRegistry);
+        assert_eq!(dp.plugins_registry_dir, PathBuf::from("/tmp/reg"));
+        assert_eq!(dp.sysfs_root, PathBuf::from("/tmp/sys"));
+        assert_eq!(dp.dev_root, PathBuf::from("/tmp/dev"));
+        assert_eq!(dp.devinfo_dir, PathBuf::from("/tmp/devinfo"));
+        assert_eq!(dp.netdev_resource.as_deref(), Some("example.com/eni"));
+        for off in [["--device-plugin=false"], ["--device-plugin=0"]] {
+            let mut args = vec!["eni-manager", "--node-name", "n1"];
+            args.extend(off);
+            let c = Config::try_parse_from(args).expect("parses");
+            assert_eq!(c.device_plugin_config(), None);
+        }
+        assert!(
+            Config::try_parse_from([
+                "eni-manager",
+                "--node-name",
+                "n1",
+                "--device-plugin-registration",
+                "kubelet"
+            ])
+            .is_err()
         );
     }
 }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use eni_deviceplugin::BoundDevice;
+use eni_deviceplugin::{BoundDevice, CancellationToken};
 use eni_node::config::{Config, LogFormat};
 use eni_node::daemon::{self, Daemon, Settings};
 use eni_node::metrics::Metrics;
@@ -60,12 +60,29 @@ async fn main() -> anyhow::Result<()> {
     // The current set of DPDK-bound devices, for the kubelet device plugin.
     let (bound_tx, bound_rx) = watch::channel::<Vec<BoundDevice>>(Vec::new());
 
-    // ---- DEVICE PLUGIN: start it here. ----------------------------------------------
-    // The lead wires `eni_deviceplugin`'s async entry point in at this spot, handing it
-    // `bound_rx` (a `watch::Receiver<Vec<BoundDevice>>`); until then the receiver is
-    // just kept alive so the daemon's sends succeed.
-    let _device_plugin_rx = bound_rx;
-    // ------------------------------------------------------------------------------------
+    // The kubelet device plugin: advertises the DPDK-bound devices the daemon publishes
+    // on `bound_tx`, and stops with the daemon. Its only errors are setup errors
+    // (directories, inotify), which end the process like the daemon's own.
+    let plugin_shutdown = CancellationToken::new();
+    let mut device_plugin = match cfg.device_plugin_config() {
+        Some(dp) => {
+            info!(
+                dir = %dp.device_plugin_dir.display(),
+                registration = %dp.registration,
+                "starting the kubelet device plugin"
+            );
+            Some(tokio::spawn(eni_deviceplugin::run(
+                dp,
+                bound_rx,
+                plugin_shutdown.clone(),
+            )))
+        }
+        None => {
+            info!("kubelet device plugin disabled (--device-plugin=false)");
+            drop(bound_rx);
+            None
+        }
+    };
 
     let metrics = Metrics::new();
     let listener = tokio::net::TcpListener::bind(cfg.metrics_addr)
@@ -99,14 +116,39 @@ async fn main() -> anyhow::Result<()> {
         bound_tx,
         metrics,
     );
-    daemon::run(
+    let daemon_run = daemon::run(
         daemon,
         client,
         link_events,
         cfg.resync_period,
         shutdown_signal(),
-    )
-    .await
-    .context("node daemon failed")?;
-    Ok(())
+    );
+    let mut plugin_done = false;
+    let result = match device_plugin.as_mut() {
+        Some(plugin) => tokio::select! {
+            r = daemon_run => r.context("node daemon failed"),
+            r = plugin => {
+                // The plugin only returns early on a setup error (or a panic).
+                plugin_done = true;
+                match r {
+                    Ok(Ok(())) => Err(anyhow::anyhow!("the device plugin stopped unexpectedly")),
+                    Ok(Err(e)) => Err(anyhow::Error::new(e).context(
+                        "device plugin failed (--device-plugin=false turns it off)",
+                    )),
+                    Err(e) => Err(anyhow::Error::new(e).context("device plugin task failed")),
+                }
+            }
+        },
+        None => daemon_run.await.context("node daemon failed"),
+    };
+    plugin_shutdown.cancel();
+    if let Some(plugin) = device_plugin.filter(|_| !plugin_done) {
+        match tokio::time::timeout(std::time::Duration::from_secs(10), plugin).await {
+            Ok(Ok(Ok(()))) => info!("device plugin stopped"),
+            Ok(Ok(Err(e))) => tracing::error!(error = %e, "device plugin failed"),
+            Ok(Err(e)) => tracing::error!(error = %e, "device plugin task failed"),
+            Err(_) => tracing::warn!("device plugin did not stop within 10s"),
+        }
+    }
+    result
 }
