@@ -438,6 +438,56 @@ fn rendered_objects_have_the_documented_names_and_privileges() {
     assert!(pod["volumes"].to_string().contains("plugins_registry"));
 }
 
+/// Environment variable names a binary declares (`env = "..."` in its clap config).
+fn declared_env(config_rs: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(repo_root().join(config_rs))
+        .unwrap_or_else(|e| panic!("read {config_rs}: {e}"));
+    text.split("env = \"")
+        .skip(1)
+        .filter_map(|rest| rest.split('"').next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Every environment variable the charts set is one the binary reads (flags renamed in
+/// the code would otherwise be dropped silently).
+#[test]
+#[ignore = "integration: needs helm from hack/peers.sh"]
+fn chart_environment_matches_the_binaries_flags() {
+    // Read by something other than clap: the logger, the Rust runtime.
+    let extra = ["RUST_LOG", "RUST_BACKTRACE"];
+    for (v, config) in variants().iter().zip([
+        "controller/src/config.rs",
+        "controller/src/config.rs",
+        "node/src/config.rs",
+        "node/src/config.rs",
+        "node/src/config.rs",
+    ]) {
+        let known = declared_env(config);
+        assert!(known.len() > 10, "{config}: found only {known:?}");
+        let docs = documents(&render(v));
+        let workload = docs
+            .iter()
+            .find(|d| d["kind"] == "Deployment" || d["kind"] == "DaemonSet")
+            .expect("a workload");
+        let container = &workload["spec"]["template"]["spec"]["containers"][0];
+        let names: Vec<&str> = container["env"]
+            .as_array()
+            .expect("env")
+            .iter()
+            .filter_map(|e| e["name"].as_str())
+            .collect();
+        assert!(names.len() > 5, "{}: {names:?}", v.what);
+        for name in names {
+            assert!(
+                known.iter().any(|k| k == name) || extra.contains(&name),
+                "{}: the chart sets {name}, which {config} does not declare",
+                v.what
+            );
+        }
+    }
+}
+
 #[tokio::test]
 #[ignore = "integration: needs helm, kubectl, etcd and kube-apiserver from hack/peers.sh"]
 async fn rendered_charts_pass_server_side_dry_run() {
