@@ -4,6 +4,8 @@
 //!   kubeconfig and an admin [`kube::Client`] factory. [`ApiServer::shared`] starts one per
 //!   test binary; tests isolate themselves by object names.
 //! * [`Moto`]: moto's EC2 server on a random free 127.0.0.1 port.
+//! * [`faults::FaultProxy`]: the EC2 fault layer in front of moto (throttling, latency,
+//!   EC2 validation moto lacks, injected errors); also the `ec2-faults` binary.
 //!
 //! The binaries come from `hack/peers.sh`, cached in `$ENI_BIN_DIR`
 //! (default `~/.cache/aws-multi-eni/bin`). Every child process is started through
@@ -11,6 +13,7 @@
 //! the test binary, even when it panics or is killed.
 
 mod apiserver;
+pub mod faults;
 mod moto;
 mod process;
 

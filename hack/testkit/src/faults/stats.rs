@@ -1,0 +1,101 @@
+//! Request counters per EC2 action and outcome.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// What happened to one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Forwarded to moto, which answered 2xx.
+    Forwarded,
+    /// Forwarded to moto, which answered an error (or could not be reached).
+    UpstreamError,
+    /// `RequestLimitExceeded` from a token bucket, not forwarded.
+    Throttled,
+    /// An emulated EC2 validation error (duplicate device index, attachment limit, in-use
+    /// delete, idempotency mismatch), not forwarded.
+    Rejected,
+    /// An injected failure (`error_rate` or a [`super::FailureRule`]).
+    Injected,
+    /// A `ClientToken` replay of an earlier response, not forwarded.
+    Replayed,
+}
+
+/// Counters of one action (or of all actions).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ActionStats {
+    /// Every request.
+    pub requests: u64,
+    /// Forwarded, moto answered 2xx.
+    pub forwarded: u64,
+    /// Forwarded, moto answered an error.
+    pub upstream_errors: u64,
+    /// Throttled by a token bucket.
+    pub throttled: u64,
+    /// Rejected by an emulated EC2 check.
+    pub rejected: u64,
+    /// Failed by injection.
+    pub injected: u64,
+    /// Answered from the `ClientToken` cache.
+    pub replayed: u64,
+    /// Error codes returned to the client (ours and moto's), with counts.
+    pub errors: BTreeMap<String, u64>,
+}
+
+impl ActionStats {
+    fn add(&mut self, outcome: Outcome, code: Option<&str>) {
+        self.requests += 1;
+        match outcome {
+            Outcome::Forwarded => self.forwarded += 1,
+            Outcome::UpstreamError => self.upstream_errors += 1,
+            Outcome::Throttled => self.throttled += 1,
+            Outcome::Rejected => self.rejected += 1,
+            Outcome::Injected => self.injected += 1,
+            Outcome::Replayed => self.replayed += 1,
+        }
+        if let Some(code) = code {
+            *self.errors.entry(code.to_string()).or_default() += 1;
+        }
+    }
+}
+
+/// A snapshot of the counters (`GET /_faults/stats`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Stats {
+    /// Per EC2 action.
+    pub actions: BTreeMap<String, ActionStats>,
+    /// Sum over all actions.
+    pub total: ActionStats,
+}
+
+impl Stats {
+    /// The counters of `action` (zero if never seen).
+    pub fn action(&self, action: &str) -> ActionStats {
+        self.actions.get(action).cloned().unwrap_or_default()
+    }
+
+    /// Requests of actions that are not `Describe*`/`Get*`/`List*`.
+    pub fn mutating_requests(&self) -> u64 {
+        self.actions
+            .iter()
+            .filter(|(a, _)| !super::bucket::is_describe(a))
+            .map(|(_, s)| s.requests)
+            .sum()
+    }
+
+    /// Requests of `Describe*`/`Get*`/`List*` actions.
+    pub fn describe_requests(&self) -> u64 {
+        self.total.requests - self.mutating_requests()
+    }
+
+    pub(crate) fn record(&mut self, action: &str, outcome: Outcome, code: Option<&str>) {
+        self.actions
+            .entry(action.to_string())
+            .or_default()
+            .add(outcome, code);
+        self.total.add(outcome, code);
+    }
+}

@@ -1,0 +1,629 @@
+//! The EC2 fault layer in front of a real moto, driven by the Rust aws-sdk-ec2.
+
+use std::time::Duration;
+
+use aws_sdk_ec2::Client;
+use aws_sdk_ec2::config::retry::RetryConfig;
+use aws_sdk_ec2::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_ec2::types::{
+    AttachmentStatus, InstanceType, NetworkInterfaceAttachmentChanges, NetworkInterfaceStatus,
+};
+use eni_testkit::faults::{BucketSpec, FailureRule, FaultConfig, FaultProxy};
+use eni_testkit::{Moto, eventually};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::sync::OnceCell;
+
+type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+/// One moto for the whole test binary; each test starts its own proxy and instances.
+async fn moto() -> &'static Moto {
+    static MOTO: OnceCell<Moto> = OnceCell::const_new();
+    MOTO.get_or_init(|| async {
+        Moto::start()
+            .await
+            .unwrap_or_else(|e| panic!("start moto: {e}"))
+    })
+    .await
+}
+
+async fn proxy(config: FaultConfig) -> FaultProxy {
+    FaultProxy::start(&moto().await.endpoint, config)
+        .await
+        .unwrap_or_else(|e| panic!("start proxy: {e}"))
+}
+
+/// An EC2 client without retries, so every error is seen.
+fn ec2(endpoint: &str) -> Client {
+    let conf = aws_sdk_ec2::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .credentials_provider(Credentials::new("testing", "testing", None, None, "test"))
+        .retry_config(RetryConfig::disabled())
+        .build();
+    Client::from_conf(conf)
+}
+
+/// The error code and HTTP status of a failed call.
+fn failure<T, E: ProvideErrorMetadata>(
+    r: &Result<T, SdkError<E, aws_sdk_ec2::config::http::HttpResponse>>,
+) -> Option<(String, u16, String)> {
+    let e = r.as_ref().err()?;
+    Some((
+        e.code().unwrap_or_default().to_string(),
+        e.raw_response().map(|r| r.status().as_u16()).unwrap_or(0),
+        e.message().unwrap_or_default().to_string(),
+    ))
+}
+
+/// A fresh m5.large (3 ENIs, primary at device index 0) and its subnet.
+async fn instance(
+    ec2: &Client,
+) -> Result<(String, String), Box<dyn std::error::Error + Send + Sync>> {
+    let out = ec2
+        .run_instances()
+        .image_id("ami-12c6146b")
+        .instance_type(InstanceType::M5Large)
+        .min_count(1)
+        .max_count(1)
+        .send()
+        .await?;
+    let i = out.instances().first().ok_or("no instance")?;
+    let id = i.instance_id().ok_or("no instance id")?.to_string();
+    let subnet = i.subnet_id().ok_or("no subnet")?.to_string();
+    Ok((id, subnet))
+}
+
+async fn create_eni(
+    ec2: &Client,
+    subnet: &str,
+) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
+    let out = ec2
+        .create_network_interface()
+        .subnet_id(subnet)
+        .send()
+        .await?;
+    Ok(out
+        .network_interface()
+        .and_then(|n| n.network_interface_id())
+        .ok_or("no ENI id")?
+        .to_string())
+}
+
+async fn attach(
+    ec2: &Client,
+    eni: &str,
+    instance: &str,
+    index: i32,
+) -> Result<
+    aws_sdk_ec2::operation::attach_network_interface::AttachNetworkInterfaceOutput,
+    SdkError<
+        aws_sdk_ec2::operation::attach_network_interface::AttachNetworkInterfaceError,
+        aws_sdk_ec2::config::http::HttpResponse,
+    >,
+> {
+    ec2.attach_network_interface()
+        .network_interface_id(eni)
+        .instance_id(instance)
+        .device_index(index)
+        .send()
+        .await
+}
+
+async fn describe_eni(
+    ec2: &Client,
+    eni: &str,
+) -> Result<aws_sdk_ec2::types::NetworkInterface, Box<dyn std::error::Error + Send + Sync>> {
+    let out = ec2
+        .describe_network_interfaces()
+        .network_interface_ids(eni)
+        .send()
+        .await?;
+    Ok(out
+        .network_interfaces()
+        .first()
+        .ok_or("ENI not found")?
+        .clone())
+}
+
+#[tokio::test]
+#[ignore = "integration: needs moto (make test-integration)"]
+async fn throttling_after_the_burst_then_refill() -> TestResult {
+    // Buckets 10x smaller: Describe* 10 burst, 2 per second.
+    let mut config = FaultConfig::default();
+    config.throttle.scale = 0.1;
+    let proxy = proxy(config).await;
+    let ec2 = ec2(&proxy.endpoint);
+
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..15 {
+        let ec2 = ec2.clone();
+        set.spawn(async move { failure(&ec2.describe_vpcs().send().await) });
+    }
+    let mut ok = 0;
+    let mut throttled = 0;
+    while let Some(r) = set.join_next().await {
+        match r? {
+            None => ok += 1,
+            Some((code, status, _)) => {
+                assert_eq!((code.as_str(), status), ("RequestLimitExceeded", 503));
+                throttled += 1;
+            }
+        }
+    }
+    // All 15 arrive within far less than the 500 ms one token takes to refill.
+    assert_eq!((ok, throttled), (10, 5));
+    let stats = proxy.stats().action("DescribeVpcs");
+    assert_eq!((stats.forwarded, stats.throttled), (10, 5));
+    assert_eq!(stats.errors.get("RequestLimitExceeded"), Some(&5));
+
+    // Other actions have buckets of their own.
+    ec2.describe_subnets().send().await?;
+
+    // One token refills in 500 ms.
+    let refilled = eventually(Duration::from_secs(3), || async {
+        ec2.describe_vpcs().send().await.ok().map(|_| ())
+    })
+    .await;
+    assert!(refilled.is_some(), "bucket refills");
+    Ok(())
+}
+
+#[tokio::test]
+#[ignore = "integration: needs moto (make test-integration)"]
+async fn duplicate_device_index_rejected_even_concurrently() -> TestResult {
+    let proxy = proxy(FaultConfig::default()).await;
+    let ec2 = ec2(&proxy.endpoint);
+    let (instance, subnet) = instance(&ec2).await?;
+
+    // The primary ENI holds device index 0.
+    let a = create_eni(&ec2, &subnet).await?;
+    let (code, status, message) =
+        failure(&attach(&ec2, &a, &instance, 0).await).ok_or("attach at 0 succeeded")?;
+    assert_eq!((code.as_str(), status), ("InvalidParameterValue", 400));
+    assert_eq!(
+        message,
+        format!("Instance '{instance}' already has an interface attached at device index '0'.")
+    );
+
+    // Two ENIs race for device index 1: exactly one wins.
+    let b = create_eni(&ec2, &subnet).await?;
+    let (ra, rb) = tokio::join!(
+        attach(&ec2, &a, &instance, 1),
+        attach(&ec2, &b, &instance, 1)
+    );
+    let failures: Vec<_> = [failure(&ra), failure(&rb)].into_iter().flatten().collect();
+    assert_eq!(failures.len(), 1, "one attach wins: {failures:?}");
+    assert_eq!(failures[0].0, "InvalidParameterValue");
+    let loser = if ra.is_ok() { &b } else { &a };
+    attach(&ec2, loser, &instance, 2).await?;
+
+    let stats = proxy.stats().action("AttachNetworkInterface");
+    assert_eq!((stats.forwarded, stats.rejected), (2, 2));
+    Ok(())
+}
+
+#[tokio::test]
+#[ignore = "integration: needs moto (make test-integration)"]
+async fn attachment_limit_of_m5_large() -> TestResult {
+    let proxy = proxy(FaultConfig::default()).await;
+    let ec2 = ec2(&proxy.endpoint);
+    let (instance, subnet) = instance(&ec2).await?;
+    for index in 1..=2 {
+        let eni = create_eni(&ec2, &subnet).await?;
+        attach(&ec2, &eni, &instance, index).await?;
+    }
+    let fourth = create_eni(&ec2, &subnet).await?;
+    let (code, status, message) =
+        failure(&attach(&ec2, &fourth, &instance, 3).await).ok_or("4th ENI attached")?;
+    assert_eq!((code.as_str(), status), ("AttachmentLimitExceeded", 400));
+    assert!(message.contains("m5.large"), "{message}");
+
+    // moto itself would have taken it.
+    proxy.update_config(|c| c.enforce_attachment_limits = false);
+    attach(&ec2, &fourth, &instance, 3).await?;
+    Ok(())
+}
+
+#[tokio::test]
+#[ignore = "integration: needs moto (make test-integration)"]
+async fn deleting_an_attached_eni_is_refused() -> TestResult {
+    let proxy = proxy(FaultConfig::default()).await;
+    let ec2 = ec2(&proxy.endpoint);
+    let (instance, subnet) = instance(&ec2).await?;
+    let eni = create_eni(&ec2, &subnet).await?;
+    let attachment = attach(&ec2, &eni, &instance, 1)
+        .await?
+        .attachment_id()
+        .ok_or("no attachment id")?
+        .to_string();
+
+    let r = ec2
+        .delete_network_interface()
+        .network_interface_id(&eni)
+        .send()
+        .await;
+    let (code, status, message) = failure(&r).ok_or("in-use ENI deleted")?;
+    assert_eq!(
+        (code.as_str(), status),
+        ("InvalidNetworkInterface.InUse", 400)
+    );
+    assert!(message.contains(&eni));
+    assert!(describe_eni(&ec2, &eni).await.is_ok(), "still there");
+
+    ec2.detach_network_interface()
+        .attachment_id(&attachment)
+        .send()
+        .await?;
+    let available = eventually(Duration::from_secs(10), || async {
+        let n = describe_eni(&ec2, &eni).await.ok()?;
+        (n.status() == Some(&NetworkInterfaceStatus::Available)).then_some(())
+    })
+    .await;
+    assert!(available.is_some(), "ENI available after detach");
+    ec2.delete_network_interface()
+        .network_interface_id(&eni)
+        .send()
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+#[ignore = "integration: needs moto (make test-integration)"]
+async fn client_token_returns_the_same_eni() -> TestResult {
+    let proxy = proxy(FaultConfig::default()).await;
+    let ec2 = ec2(&proxy.endpoint);
+    let (_, subnet) = instance(&ec2).await?;
+    let token = format!("ct-{subnet}-{}", std::process::id());
+    let create = |description: &'static str| {
+        ec2.create_network_interface()
+            .subnet_id(&subnet)
+            .description(description)
+            .client_token(&token)
+            .send()
+    };
+    let id =
+        |o: &aws_sdk_ec2::operation::create_network_interface::CreateNetworkInterfaceOutput| {
+            o.network_interface()
+                .and_then(|n| n.network_interface_id())
+                .map(str::to_string)
+        };
+    let first = id(&create("ct").await?).ok_or("no id")?;
+    let second = id(&create("ct").await?).ok_or("no id")?;
+    assert_eq!(first, second);
+
+    let r = create("different").await;
+    let (code, status, _) = failure(&r).ok_or("mismatch accepted")?;
+    assert_eq!(
+        (code.as_str(), status),
+        ("IdempotentParameterMismatch", 400)
+    );
+
+    // Only one ENI with that description exists in moto.
+    let all = ec2
+        .describe_network_interfaces()
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name("subnet-id")
+                .values(&subnet)
+                .build(),
+        )
+        .send()
+        .await?;
+    let mine = all
+        .network_interfaces()
+        .iter()
+        .filter(|n| n.network_interface_id() == Some(first.as_str()))
+        .count();
+    assert_eq!(mine, 1);
+    let stats = proxy.stats().action("CreateNetworkInterface");
+    assert_eq!((stats.forwarded, stats.replayed, stats.rejected), (1, 1, 1));
+
+    // A create that took effect but answered 500: the retry with the same token gets
+    // the ENI that was made.
+    proxy.update_config(|c| {
+        c.rules.push(FailureRule {
+            after_forward: true,
+            times: Some(1),
+            ..FailureRule::internal_error("CreateNetworkInterface")
+        })
+    });
+    let token2 = format!("{token}-2");
+    let lost = ec2
+        .create_network_interface()
+        .subnet_id(&subnet)
+        .client_token(&token2)
+        .send()
+        .await;
+    assert_eq!(
+        failure(&lost).map(|f| (f.0, f.1)),
+        Some(("InternalError".into(), 500))
+    );
+    let retried = ec2
+        .create_network_interface()
+        .subnet_id(&subnet)
+        .client_token(&token2)
+        .send()
+        .await?;
+    assert!(id(&retried).is_some());
+    let stats = proxy.stats().action("CreateNetworkInterface");
+    assert_eq!((stats.injected, stats.replayed), (1, 2));
+    Ok(())
+}
+
+#[tokio::test]
+#[ignore = "integration: needs moto (make test-integration)"]
+async fn delete_on_termination_sticks_and_modifications_hold() -> TestResult {
+    let proxy = proxy(FaultConfig::default()).await;
+    let ec2 = ec2(&proxy.endpoint);
+    let (instance, subnet) = instance(&ec2).await?;
+    let eni = create_eni(&ec2, &subnet).await?;
+    let attachment = attach(&ec2, &eni, &instance, 1)
+        .await?
+        .attachment_id()
+        .ok_or("no attachment id")?
+        .to_string();
+    let dot = |v: bool| {
+        ec2.modify_network_interface_attribute()
+            .network_interface_id(&eni)
+            .attachment(
+                NetworkInterfaceAttachmentChanges::builder()
+                    .attachment_id(&attachment)
+                    .delete_on_termination(v)
+                    .build(),
+            )
+            .send()
+    };
+    let described = |ec2: Client, eni: String| async move {
+        describe_eni(&ec2, &eni)
+            .await
+            .ok()
+            .and_then(|n| n.attachment().and_then(|a| a.delete_on_termination()))
+    };
+    assert_eq!(described(ec2.clone(), eni.clone()).await, Some(false));
+    dot(true).await?;
+    assert_eq!(described(ec2.clone(), eni.clone()).await, Some(true));
+
+    // Also in DescribeInstances.
+    let out = ec2
+        .describe_instances()
+        .instance_ids(&instance)
+        .send()
+        .await?;
+    let in_instance: Vec<_> = out
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .flat_map(|i| i.network_interfaces())
+        .filter(|n| n.network_interface_id() == Some(eni.as_str()))
+        .filter_map(|n| n.attachment().and_then(|a| a.delete_on_termination()))
+        .collect();
+    assert_eq!(in_instance, [true]);
+
+    dot(false).await?;
+    assert_eq!(described(ec2.clone(), eni.clone()).await, Some(false));
+
+    // moto keeps description and security group changes by itself.
+    let sg = ec2
+        .create_security_group()
+        .group_name(format!("faults-{eni}"))
+        .description("drift")
+        .send()
+        .await?
+        .group_id()
+        .ok_or("no group id")?
+        .to_string();
+    ec2.modify_network_interface_attribute()
+        .network_interface_id(&eni)
+        .groups(&sg)
+        .send()
+        .await?;
+    ec2.modify_network_interface_attribute()
+        .network_interface_id(&eni)
+        .description(
+            aws_sdk_ec2::types::AttributeValue::builder()
+                .value("changed")
+                .build(),
+        )
+        .send()
+        .await?;
+    let n = describe_eni(&ec2, &eni).await?;
+    let groups: Vec<_> = n.groups().iter().filter_map(|g| g.group_id()).collect();
+    assert_eq!(groups, [sg.as_str()]);
+    assert_eq!(n.description(), Some("changed"));
+    Ok(())
+}
+
+#[tokio::test]
+#[ignore = "integration: needs moto (make test-integration)"]
+async fn injected_5xx_and_rules() -> TestResult {
+    let proxy = proxy(FaultConfig::default()).await;
+    let ec2 = ec2(&proxy.endpoint);
+    ec2.describe_vpcs().send().await?;
+
+    proxy.update_config(|c| c.error_rate = 1.0);
+    let (code, status, _) = failure(&ec2.describe_vpcs().send().await).ok_or("no 5xx")?;
+    assert_eq!((code.as_str(), status), ("InternalError", 500));
+
+    // A rule failing the next two calls of one action only.
+    proxy.update_config(|c| {
+        c.error_rate = 0.0;
+        c.rules.push(FailureRule {
+            code: "Unavailable".into(),
+            status: 503,
+            times: Some(2),
+            ..FailureRule::internal_error("DescribeVpcs")
+        });
+    });
+    ec2.describe_subnets().send().await?;
+    for _ in 0..2 {
+        let f = failure(&ec2.describe_vpcs().send().await).ok_or("rule did not fire")?;
+        assert_eq!((f.0.as_str(), f.1), ("Unavailable", 503));
+    }
+    ec2.describe_vpcs().send().await?;
+    assert_eq!(proxy.config().rules[0].times, Some(0), "rule spent");
+
+    let stats = proxy.stats();
+    assert_eq!(stats.action("DescribeVpcs").injected, 3);
+    assert_eq!(stats.action("DescribeVpcs").forwarded, 2);
+    assert_eq!(stats.total.injected, 3);
+
+    // With the SDK's standard retries a rare 5xx is invisible to the caller.
+    proxy.update_config(|c| {
+        c.rules = vec![FailureRule {
+            times: Some(1),
+            ..FailureRule::internal_error("DescribeVpcs")
+        }]
+    });
+    let retrying = Client::from_conf(
+        ec2.config()
+            .to_builder()
+            .retry_config(RetryConfig::standard().with_max_attempts(3))
+            .build(),
+    );
+    retrying.describe_vpcs().send().await?;
+    Ok(())
+}
+
+#[tokio::test]
+#[ignore = "integration: needs moto (make test-integration)"]
+async fn attaching_and_detaching_windows() -> TestResult {
+    let config = FaultConfig {
+        attach_delay_ms: 1500,
+        detach_delay_ms: 1500,
+        ..FaultConfig::default()
+    };
+    let proxy = proxy(config).await;
+    let ec2 = ec2(&proxy.endpoint);
+    let (instance, subnet) = instance(&ec2).await?;
+    let eni = create_eni(&ec2, &subnet).await?;
+    let attachment = attach(&ec2, &eni, &instance, 1)
+        .await?
+        .attachment_id()
+        .ok_or("no attachment id")?
+        .to_string();
+    let status = |ec2: Client, eni: String| async move {
+        describe_eni(&ec2, &eni)
+            .await
+            .ok()
+            .and_then(|n| n.attachment().and_then(|a| a.status().cloned()))
+    };
+    assert_eq!(
+        status(ec2.clone(), eni.clone()).await,
+        Some(AttachmentStatus::Attaching)
+    );
+    let attached = eventually(Duration::from_secs(10), || async {
+        (status(ec2.clone(), eni.clone()).await == Some(AttachmentStatus::Attached)).then_some(())
+    })
+    .await;
+    assert!(attached.is_some(), "attaching -> attached");
+
+    ec2.detach_network_interface()
+        .attachment_id(&attachment)
+        .send()
+        .await?;
+    let n = describe_eni(&ec2, &eni).await?;
+    assert_eq!(
+        n.attachment().and_then(|a| a.status()),
+        Some(&AttachmentStatus::Detaching)
+    );
+    assert_eq!(n.status(), Some(&NetworkInterfaceStatus::InUse));
+    // A detaching ENI cannot be deleted yet.
+    let r = ec2
+        .delete_network_interface()
+        .network_interface_id(&eni)
+        .send()
+        .await;
+    assert_eq!(
+        failure(&r).map(|f| f.0),
+        Some("InvalidNetworkInterface.InUse".into())
+    );
+    let available = eventually(Duration::from_secs(10), || async {
+        let n = describe_eni(&ec2, &eni).await.ok()?;
+        (n.status() == Some(&NetworkInterfaceStatus::Available) && n.attachment().is_none())
+            .then_some(())
+    })
+    .await;
+    assert!(available.is_some(), "detaching -> available");
+    Ok(())
+}
+
+/// One HTTP/1.0 request to the control endpoints.
+async fn http(addr: &str, method: &str, path: &str, body: &str) -> std::io::Result<String> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    let req = format!(
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    Ok(out)
+}
+
+#[tokio::test]
+#[ignore = "integration: needs moto (make test-integration)"]
+async fn binary_prints_its_address_and_serves_control_endpoints() -> TestResult {
+    let moto = moto().await;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ec2-faults"))
+        .args(["--listen", "127.0.0.1:0", "--upstream", &moto.endpoint])
+        .env("EC2_FAULTS_BUCKET_SCALE", "0.1")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+        .await??
+        .ok_or("no output")?;
+    let endpoint = line
+        .strip_prefix("listening on ")
+        .ok_or_else(|| format!("unexpected first line {line:?}"))?
+        .to_string();
+    let addr = endpoint.trim_start_matches("http://").to_string();
+
+    let config = http(&addr, "GET", "/_faults/config", "").await?;
+    assert!(config.contains("\"scale\": 0.1"), "{config}");
+
+    let ec2 = ec2(&endpoint);
+    ec2.describe_vpcs().send().await?;
+    let patched = http(&addr, "POST", "/_faults/config", r#"{"error_rate": 1.0}"#).await?;
+    assert!(patched.starts_with("HTTP/1.0 200") || patched.starts_with("HTTP/1.1 200"));
+    let f = failure(&ec2.describe_vpcs().send().await).ok_or("no injected error")?;
+    assert_eq!(f.0, "InternalError");
+    let bad = http(&addr, "POST", "/_faults/config", r#"{"nope": 1}"#).await?;
+    assert!(bad.contains(" 400 "), "{bad}");
+
+    let stats = http(&addr, "GET", "/_faults/stats", "").await?;
+    let json = stats.split("\r\n\r\n").nth(1).ok_or("no body")?;
+    let v: serde_json::Value = serde_json::from_str(json)?;
+    assert_eq!(v["actions"]["DescribeVpcs"]["forwarded"], 1);
+    assert_eq!(v["actions"]["DescribeVpcs"]["injected"], 1);
+
+    http(&addr, "POST", "/_faults/reset", "").await?;
+    let stats = http(&addr, "GET", "/_faults/stats", "").await?;
+    assert!(!stats.contains("DescribeVpcs"), "{stats}");
+    Ok(())
+}
+
+#[tokio::test]
+#[ignore = "integration: needs moto (make test-integration)"]
+async fn per_action_bucket_override() -> TestResult {
+    let mut config = FaultConfig::default();
+    config
+        .throttle
+        .actions
+        .insert("DescribeVpcs".into(), BucketSpec::new(2.0, 0.0));
+    let proxy = proxy(config).await;
+    let ec2 = ec2(&proxy.endpoint);
+    ec2.describe_vpcs().send().await?;
+    ec2.describe_vpcs().send().await?;
+    let f = failure(&ec2.describe_vpcs().send().await).ok_or("not throttled")?;
+    assert_eq!(f.0, "RequestLimitExceeded");
+    // reset refills the buckets.
+    proxy.reset();
+    ec2.describe_vpcs().send().await?;
+    assert_eq!(proxy.stats().total.requests, 1);
+    Ok(())
+}
