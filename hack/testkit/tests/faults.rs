@@ -627,3 +627,108 @@ async fn per_action_bucket_override() -> TestResult {
     assert_eq!(proxy.stats().total.requests, 1);
     Ok(())
 }
+
+#[tokio::test]
+#[ignore = "integration: needs moto (make test-integration)"]
+async fn describe_pagination_and_attachment_filters() -> TestResult {
+    use aws_sdk_ec2::types::{Filter, ResourceType, Tag, TagSpecification};
+    let proxy = proxy(FaultConfig::default()).await;
+    let ec2 = ec2(&proxy.endpoint);
+    let (instance, subnet) = instance(&ec2).await?;
+    let key = format!("pages-{instance}");
+    let mut enis = Vec::new();
+    for _ in 0..7 {
+        let out = ec2
+            .create_network_interface()
+            .subnet_id(&subnet)
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::NetworkInterface)
+                    .tags(Tag::builder().key(&key).value("x").build())
+                    .build(),
+            )
+            .send()
+            .await?;
+        enis.push(
+            out.network_interface()
+                .and_then(|n| n.network_interface_id())
+                .ok_or("no id")?
+                .to_string(),
+        );
+    }
+    attach(&ec2, &enis[0], &instance, 1).await?;
+
+    let by_tag = Filter::builder().name("tag-key").values(&key).build();
+    let first = ec2
+        .describe_network_interfaces()
+        .filters(by_tag.clone())
+        .max_results(5)
+        .send()
+        .await?;
+    assert_eq!(first.network_interfaces().len(), 5);
+    let token = first.next_token().ok_or("no NextToken")?;
+    let second = ec2
+        .describe_network_interfaces()
+        .filters(by_tag.clone())
+        .max_results(5)
+        .next_token(token)
+        .send()
+        .await?;
+    assert_eq!(second.network_interfaces().len(), 2);
+    assert_eq!(second.next_token(), None);
+
+    // The SDK paginator walks all pages.
+    let pages: Vec<_> = ec2
+        .describe_network_interfaces()
+        .filters(by_tag.clone())
+        .max_results(5)
+        .into_paginator()
+        .send()
+        .collect::<Result<Vec<_>, _>>()
+        .await?;
+    let mut seen: Vec<_> = pages
+        .iter()
+        .flat_map(|p| p.network_interfaces())
+        .filter_map(|n| n.network_interface_id().map(str::to_string))
+        .collect();
+    seen.sort();
+    enis.sort();
+    assert_eq!(seen, enis);
+
+    // attachment.status (HTTP 500 from moto itself) together with a moto filter.
+    let attached = ec2
+        .describe_network_interfaces()
+        .filters(by_tag)
+        .filters(
+            Filter::builder()
+                .name("attachment.status")
+                .values("attached")
+                .build(),
+        )
+        .send()
+        .await?;
+    let ids: Vec<_> = attached
+        .network_interfaces()
+        .iter()
+        .filter_map(|n| n.network_interface_id())
+        .collect();
+    assert_eq!(ids.len(), 1);
+    let on_instance = ec2
+        .describe_network_interfaces()
+        .filters(
+            Filter::builder()
+                .name("attachment.device-index")
+                .values("0")
+                .build(),
+        )
+        .filters(
+            Filter::builder()
+                .name("attachment.instance-id")
+                .values(&instance)
+                .build(),
+        )
+        .send()
+        .await?;
+    assert_eq!(on_instance.network_interfaces().len(), 1, "the primary ENI");
+    Ok(())
+}

@@ -27,6 +27,14 @@ pub struct FaultConfig {
     /// Remember `Attachment.DeleteOnTermination` of `ModifyNetworkInterfaceAttribute` and
     /// report it in describes.
     pub sticky_delete_on_termination: bool,
+    /// Evaluate the `DescribeNetworkInterfaces` filters moto does not implement (it
+    /// answers HTTP 500): `attachment.status`, `attachment.device-index`,
+    /// `attachment.network-card-index`, `attachment.delete-on-termination`. They are
+    /// removed from the forwarded request and applied to moto's answer.
+    pub emulate_describe_filters: bool,
+    /// Honour `MaxResults` / `NextToken` of `DescribeNetworkInterfaces` (moto returns
+    /// everything in one page).
+    pub paginate_describes: bool,
     /// Report `attaching` for this long after a successful attach (0: off).
     pub attach_delay_ms: u64,
     /// Report `detaching` (attachment still present, ENI `in-use`) in
@@ -49,6 +57,8 @@ impl Default for FaultConfig {
             reject_in_use_delete: true,
             client_token_idempotency: true,
             sticky_delete_on_termination: true,
+            emulate_describe_filters: true,
+            paginate_describes: true,
             attach_delay_ms: 0,
             detach_delay_ms: 0,
             error_rate: 0.0,
@@ -70,6 +80,8 @@ impl FaultConfig {
             reject_in_use_delete: false,
             client_token_idempotency: false,
             sticky_delete_on_termination: false,
+            emulate_describe_filters: false,
+            paginate_describes: false,
             ..Self::default()
         }
     }

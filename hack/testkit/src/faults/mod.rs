@@ -21,6 +21,7 @@
 
 pub mod bucket;
 pub mod config;
+pub mod describe;
 mod stats;
 pub mod xml;
 
@@ -494,6 +495,32 @@ impl Shared {
             return error_response(&e);
         }
 
+        // DescribeNetworkInterfaces: filters moto lacks and pagination.
+        let mut body = body;
+        let mut plan = None;
+        if action == "DescribeNetworkInterfaces" && parts.uri.query().is_none() {
+            match describe::plan(
+                &params,
+                config.emulate_describe_filters,
+                config.paginate_describes,
+            ) {
+                Ok((p, Some(forwarded))) => {
+                    body = Bytes::from(
+                        form_urlencoded::Serializer::new(String::new())
+                            .extend_pairs(forwarded)
+                            .finish(),
+                    );
+                    plan = Some(p);
+                }
+                Ok((_, None)) => {}
+                Err(e) => {
+                    let e = Ec2Error::bad_request("InvalidParameterValue", e.to_string());
+                    self.record(&action, Outcome::Rejected, Some(&e.code));
+                    return error_response(&e);
+                }
+            }
+        }
+
         let ctx = Call {
             shared: &self,
             parts: &parts,
@@ -526,11 +553,18 @@ impl Shared {
                         .unwrap_or_else(|| format!("HTTP{}", up.status.as_u16()));
                     (Outcome::UpstreamError, Some(code))
                 };
-                let body = if up.status.is_success() {
+                let mut body = if up.status.is_success() {
                     self.rewrite(&action, &up.body)
                 } else {
                     up.body.clone()
                 };
+                if let Some(plan) = plan.as_ref().filter(|_| up.status.is_success()) {
+                    match std::str::from_utf8(&body).map(|t| describe::apply(t, plan)) {
+                        Ok(Ok(t)) => body = Bytes::from(t),
+                        Ok(Err(e)) => tracing::warn!(error = %e, "describe emulation"),
+                        Err(e) => tracing::warn!(error = %e, "describe emulation"),
+                    }
+                }
                 self.record(&action, outcome.0, outcome.1.as_deref());
                 upstream_response(up, body)
             }
