@@ -30,13 +30,16 @@ pub struct Plan {
 #[error("Invalid NextToken '{0}'")]
 pub struct BadToken(pub String);
 
+/// Form parameters, in order.
+pub type Pairs = Vec<(String, String)>;
+
 /// Splits a describe request into what moto gets (`Some(params)` when they differ from
 /// the request) and what the proxy applies to the answer.
 pub fn plan(
     params: &Params,
     filters: bool,
     paginate: bool,
-) -> Result<(Plan, Option<Vec<(String, String)>>), BadToken> {
+) -> Result<(Plan, Option<Pairs>), BadToken> {
     let mut plan = Plan::default();
     // Filter.N.Name / Filter.N.Value.M, by N.
     let mut by_index: BTreeMap<u64, (Option<String>, Vec<String>)> = BTreeMap::new();
