@@ -732,3 +732,40 @@ async fn describe_pagination_and_attachment_filters() -> TestResult {
     assert_eq!(on_instance.network_interfaces().len(), 1, "the primary ENI");
     Ok(())
 }
+
+#[tokio::test]
+#[ignore = "integration: needs moto (make test-integration)"]
+async fn latency_is_added_and_classes_are_counted() -> TestResult {
+    let mut config = FaultConfig::default();
+    config.latency.min_ms = 150;
+    config.latency.max_ms = 200;
+    let proxy = proxy(config).await;
+    let ec2 = ec2(&proxy.endpoint);
+    ec2.describe_vpcs().send().await?;
+    let started = std::time::Instant::now();
+    ec2.describe_vpcs().send().await?;
+    assert!(started.elapsed() >= Duration::from_millis(150));
+    let r = ec2
+        .delete_network_interface()
+        .network_interface_id("eni-doesnotexist")
+        .send()
+        .await;
+    assert_eq!(
+        failure(&r).map(|f| f.0),
+        Some("InvalidNetworkInterfaceID.NotFound".into())
+    );
+    let stats = proxy.stats();
+    assert_eq!(
+        (stats.describe_requests(), stats.mutating_requests()),
+        (2, 1)
+    );
+    assert_eq!(stats.mutating.upstream_errors, 1);
+    assert_eq!(
+        stats
+            .action("DeleteNetworkInterface")
+            .errors
+            .get("InvalidNetworkInterfaceID.NotFound"),
+        Some(&1)
+    );
+    Ok(())
+}

@@ -61,7 +61,8 @@ impl ActionStats {
     }
 }
 
-/// A snapshot of the counters (`GET /_faults/stats`).
+/// A snapshot of the counters (`GET /_faults/stats`). Side queries the proxy makes to
+/// moto itself are not counted.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Stats {
@@ -69,6 +70,10 @@ pub struct Stats {
     pub actions: BTreeMap<String, ActionStats>,
     /// Sum over all actions.
     pub total: ActionStats,
+    /// Sum over mutating actions (everything but `Describe*`/`Get*`/`List*`).
+    pub mutating: ActionStats,
+    /// Sum over `Describe*`/`Get*`/`List*` actions.
+    pub describe: ActionStats,
 }
 
 impl Stats {
@@ -77,18 +82,14 @@ impl Stats {
         self.actions.get(action).cloned().unwrap_or_default()
     }
 
-    /// Requests of actions that are not `Describe*`/`Get*`/`List*`.
+    /// Requests of actions that are not `Describe*`/`Get*`/`List*` (all outcomes).
     pub fn mutating_requests(&self) -> u64 {
-        self.actions
-            .iter()
-            .filter(|(a, _)| !super::bucket::is_describe(a))
-            .map(|(_, s)| s.requests)
-            .sum()
+        self.mutating.requests
     }
 
-    /// Requests of `Describe*`/`Get*`/`List*` actions.
+    /// Requests of `Describe*`/`Get*`/`List*` actions (all outcomes).
     pub fn describe_requests(&self) -> u64 {
-        self.total.requests - self.mutating_requests()
+        self.describe.requests
     }
 
     pub(crate) fn record(&mut self, action: &str, outcome: Outcome, code: Option<&str>) {
@@ -97,5 +98,10 @@ impl Stats {
             .or_default()
             .add(outcome, code);
         self.total.add(outcome, code);
+        if super::bucket::is_describe(action) {
+            self.describe.add(outcome, code);
+        } else {
+            self.mutating.add(outcome, code);
+        }
     }
 }
