@@ -153,7 +153,6 @@ async fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
-            eprintln!("ec2-faults: {e}");
             std::process::ExitCode::FAILURE
         }
     }
