@@ -1,0 +1,530 @@
+#!/usr/bin/env bash
+# The whole of aws-multi-eni on one machine: no AWS account, no cluster.
+#
+#   hack/demo.sh [up]     start everything, apply the sample NodeENIs, attach a pod to an
+#                         ENI through Multus, print what happened; leaves it running
+#   hack/demo.sh down     stop every process, delete every namespace it made
+#   hack/demo.sh cni-add  run the Multus CNI ADD for the demo pod (up does it once)
+#   hack/demo.sh cni-del  run the Multus CNI DEL for the demo pod
+#   hack/demo.sh status   print the NodeENIs, attachments, capacity and interfaces again
+#
+# Real binaries: etcd, kube-apiserver, kubectl, moto (EC2), eni-controller, eni-manager
+# (with its device plugin), kubelet-dp (the kubelet's own device-manager code), Multus
+# (thin plugin), cni-helper and the Debian CNI plugins. The one simulated piece is
+# hack/sim-nitro: it turns ENIs attached in moto into interfaces (veth ends) inside each
+# node's network namespace and into fake ENA PCI devices in each node's fake sysfs tree.
+#
+# Root is needed (network namespaces). Everything listens on 127.0.0.1 only.
+#
+# Environment:
+#   DEMO_DIR      state and logs (default <repo>/.demo)
+#   DEMO_PREFIX   prefix of the network namespace names (default eni-demo)
+#   DEMO_BIN_DIR  where eni-controller, eni-manager, cni-helper are (default
+#                 $CARGO_TARGET_DIR/debug)
+#   DEMO_QUIET=1  only the step lines (the end-to-end test uses it)
+#   DEMO_KEEP_ON_FAILURE=1  leave everything running when a step fails, to debug it
+
+set -euo pipefail
+# shellcheck source=hack/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+DEMO_DIR=${DEMO_DIR:-$REPO_DIR/.demo}
+DEMO_PREFIX=${DEMO_PREFIX:-eni-demo}
+DEMO_BIN_DIR=${DEMO_BIN_DIR:-$CARGO_TARGET_DIR/debug}
+DEMO_QUIET=${DEMO_QUIET:-0}
+LOGS=$DEMO_DIR/logs
+PIDS=$DEMO_DIR/pids
+PY=$ENI_CACHE_DIR/moto-venv/bin/python
+SIM=$HACK_DIR/sim-nitro
+CNI_PLUGINS=${CNI_PLUGINS:-/usr/lib/cni}
+NODES=(node-1 node-2)
+CLUSTER=demo
+REGION=us-east-1
+RESOURCE=intel.com/intel_sriov_netdevice
+POD=eni-demo-pod
+POD_NS=default
+KUBECTL=$ENI_BIN_DIR/kubectl
+
+STEP="starting"
+step() {
+    STEP="$*"
+    printf '\033[1;34m==>\033[0m %s\n' "$*" >&2
+}
+say() { [[ $DEMO_QUIET == 1 ]] || printf '%s\n' "$*"; }
+fmt_cmd() { # a command line as a person would type it
+    local a out=""
+    for a in "$@"; do
+        if [[ $a =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then out+="$a "; else out+="'$a' "; fi
+    done
+    out=${out% }
+    out=${out//$DEMO_DIR/\$DEMO_DIR}
+    [[ $out == "kc "* ]] && out="kubectl ${out#kc }"
+    printf '%s' "$out"
+}
+show() { # show <title> <command...>: print the command and its output
+    local title=$1
+    shift
+    show_as "$(fmt_cmd "$@")" "$title" "$@"
+}
+show_as() { # show_as <displayed command> <title> <command...>
+    local display=$1 title=$2
+    shift 2
+    if [[ $DEMO_QUIET == 1 ]]; then
+        "$@" >/dev/null
+        return
+    fi
+    printf '\n\033[1m--- %s\033[0m\n$ %s\n' "$title" "$display"
+    "$@"
+}
+kc() { KUBECONFIG=$DEMO_DIR/kubeconfig "$KUBECTL" "$@"; }
+node_ns() { echo "$DEMO_PREFIX-$1"; }
+pod_netns() { echo "$DEMO_PREFIX-pod"; }
+nitro_ns() { echo "$DEMO_PREFIX-nitro"; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# wait_for <seconds> <description> <command...>: poll the command until it succeeds.
+wait_for() {
+    local secs=$1 what=$2
+    shift 2
+    local end=$((SECONDS + secs))
+    until "$@" >/dev/null 2>&1; do
+        if ((SECONDS >= end)); then
+            printf '\033[1;31merror:\033[0m timed out after %ss waiting for %s\n' "$secs" "$what" >&2
+            return 1
+        fi
+        sleep 0.2
+    done
+}
+
+# start <name> <command...>: a background process in its own session, output to its log.
+start() {
+    local name=$1
+    shift
+    setsid "$@" >"$LOGS/$name.log" 2>&1 </dev/null &
+    echo $! >"$PIDS/$name.pid"
+}
+
+alive() { # alive <name>: the process is still running
+    local pid
+    pid=$(cat "$PIDS/$1.pid" 2>/dev/null) && pid_running "$pid"
+}
+
+on_exit() {
+    local rc=$?
+    trap - EXIT
+    if ((rc != 0)); then
+        printf '\n\033[1;31mFAILED\033[0m at step: %s\n' "$STEP" >&2
+        printf 'Logs: %s/\n' "$LOGS" >&2
+        for f in "$LOGS"/*.log; do
+            [[ -s $f ]] || continue
+            printf '\n--- last lines of %s\n' "$f" >&2
+            tail -n 8 "$f" >&2
+        done
+        if [[ ${DEMO_KEEP_ON_FAILURE:-0} == 1 ]]; then
+            printf '\nLeft running (DEMO_KEEP_ON_FAILURE=1); stop with: hack/demo.sh down\n' >&2
+        else
+            printf '\nCleaning up (set DEMO_KEEP_ON_FAILURE=1 to keep it running)\n' >&2
+            down >&2 || true
+        fi
+    fi
+    exit "$rc"
+}
+
+# ---- down ------------------------------------------------------------------------------
+
+pid_running() { # a zombie (a child of this shell that exited) does not count
+    [[ -r /proc/$1/status ]] && ! grep -q '^State:[[:space:]]*Z' "/proc/$1/status" 2>/dev/null
+}
+
+stop_procs() { # stop_procs <name>...: SIGTERM their process groups together, SIGKILL after 5 s
+    local name f pid pids=()
+    for name in "$@"; do
+        f=$PIDS/$name.pid
+        [[ -f $f ]] || continue
+        pid=$(cat "$f")
+        if pid_running "$pid"; then
+            kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+            pids+=("$pid")
+        fi
+        rm -f "$f"
+    done
+    local end=$((SECONDS + 5)) left
+    while ((${#pids[@]})); do
+        left=()
+        for pid in "${pids[@]}"; do
+            pid_running "$pid" && left+=("$pid")
+        done
+        pids=("${left[@]+"${left[@]}"}")
+        ((${#pids[@]})) || break
+        if ((SECONDS >= end)); then
+            for pid in "${pids[@]}"; do
+                kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+            done
+            break
+        fi
+        sleep 0.1
+    done
+}
+
+down() {
+    step "down: stopping the demo in $DEMO_DIR"
+    if [[ -d $PIDS ]]; then
+        # Consumers first; sim-nitro unplugs its interfaces when it stops; peers last
+        # (kube-apiserver before etcd: without etcd it takes long to stop).
+        stop_procs "${NODES[@]/#/kubelet-dp-}" "${NODES[@]/#/eni-manager-}" eni-controller
+        stop_procs sim-nitro
+        stop_procs moto kube-apiserver
+        stop_procs etcd
+        local f rest=()
+        for f in "$PIDS"/*.pid; do # anything else a newer version started
+            [[ -e $f ]] && rest+=("$(basename "$f" .pid)")
+        done
+        stop_procs "${rest[@]+"${rest[@]}"}"
+    fi
+    for ns in "$(pod_netns)" "${NODES[@]/#/$DEMO_PREFIX-}" "$(nitro_ns)"; do
+        if ip netns list | grep -qw "^$ns"; then
+            ip netns del "$ns"
+        fi
+    done
+    rm -rf "$DEMO_DIR/etcd" "$DEMO_DIR"/node-*/device-plugins
+    say "Stopped. Logs kept in $LOGS/."
+}
+
+# ---- up --------------------------------------------------------------------------------
+
+preflight() {
+    step "1/12 preflight: root, cached peers, built binaries"
+    [[ $(id -u) == 0 ]] || die "the demo needs root (network namespaces): sudo make demo"
+    local b
+    for b in etcd kube-apiserver kubectl multus kubelet-dp; do
+        [[ -x $ENI_BIN_DIR/$b ]] || die "$ENI_BIN_DIR/$b missing: run make peers"
+    done
+    [[ -x $PY ]] || die "moto venv missing ($PY): run make peers"
+    for b in eni-controller eni-manager cni-helper; do
+        [[ -x $DEMO_BIN_DIR/$b ]] || die "$DEMO_BIN_DIR/$b missing: run make build (or set DEMO_BIN_DIR)"
+    done
+    for b in host-device ptp host-local static loopback; do
+        [[ -x $CNI_PLUGINS/$b ]] || die "CNI plugin $CNI_PLUGINS/$b missing (Debian: apt-get install containernetworking-plugins)"
+    done
+    if [[ -d $PIDS ]] && compgen -G "$PIDS/*.pid" >/dev/null; then
+        say "A previous demo is still running: stopping it first."
+        down
+    fi
+    for n in "${NODES[@]}" pod nitro; do
+        ip netns del "$DEMO_PREFIX-$n" 2>/dev/null || true
+    done
+    rm -rf "$DEMO_DIR"
+    mkdir -p "$LOGS" "$PIDS"
+}
+
+start_apiserver() {
+    step "2/12 etcd + kube-apiserver on 127.0.0.1 (logs: $LOGS/etcd.log, kube-apiserver.log)"
+    local d=$DEMO_DIR/apiserver etcd_port peer_port port
+    mkdir -p "$d"
+    etcd_port=$(free_port)
+    peer_port=$(free_port)
+    start etcd "$ENI_BIN_DIR/etcd" --name=demo --data-dir="$DEMO_DIR/etcd" \
+        --listen-client-urls="http://127.0.0.1:$etcd_port" --advertise-client-urls="http://127.0.0.1:$etcd_port" \
+        --listen-peer-urls="http://127.0.0.1:$peer_port" --initial-advertise-peer-urls="http://127.0.0.1:$peer_port" \
+        --initial-cluster="demo=http://127.0.0.1:$peer_port" --unsafe-no-fsync --log-level=warn
+    openssl ecparam -genkey -name prime256v1 -noout -out "$d/sa.key" 2>/dev/null
+    local token
+    token=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
+    echo "$token,admin,admin,\"system:masters\"" >"$d/tokens.csv"
+    port=$(free_port)
+    echo "$port" >"$DEMO_DIR/apiserver.port"
+    start kube-apiserver "$ENI_BIN_DIR/kube-apiserver" --etcd-servers="http://127.0.0.1:$etcd_port" \
+        --secure-port="$port" --bind-address=127.0.0.1 --advertise-address=127.0.0.1 \
+        --endpoint-reconciler-type=none --cert-dir="$d/certs" \
+        --service-account-issuer=https://kubernetes.default.svc \
+        --service-account-key-file="$d/sa.key" --service-account-signing-key-file="$d/sa.key" \
+        --service-cluster-ip-range=10.96.0.0/24 --authorization-mode=RBAC \
+        --token-auth-file="$d/tokens.csv" --disable-admission-plugins=ServiceAccount \
+        --allow-privileged=true --v=1
+    cat >"$DEMO_DIR/kubeconfig" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: demo
+  cluster:
+    server: https://127.0.0.1:$port
+    insecure-skip-tls-verify: true
+users:
+- name: admin
+  user:
+    token: $token
+contexts:
+- name: demo
+  context: {cluster: demo, user: admin}
+current-context: demo
+EOF
+    wait_for 120 "kube-apiserver /readyz" kc get --raw /readyz
+    alive etcd || die "etcd exited"
+    kc apply -f "$REPO_DIR/charts/aws-multi-eni-controller/crds/" >/dev/null
+    kc apply -f "$HACK_DIR/demo/nad-crd.yaml" >/dev/null
+    wait_for 30 "the CRDs to be established" kc wait --for=condition=Established --timeout=1s \
+        crd/nodeenis.networking.k8s.aws crd/network-attachment-definitions.k8s.cni.cncf.io
+}
+
+start_moto() {
+    step "3/12 moto (EC2 emulator): VPC, subnets multi-eni-a + multi-eni-dpdk, security group, 2 x m5.large (log: $LOGS/moto.log)"
+    local port
+    port=$(free_port)
+    echo "http://127.0.0.1:$port" >"$DEMO_DIR/moto.endpoint"
+    start moto "$ENI_CACHE_DIR/moto-venv/bin/moto_server" -H 127.0.0.1 -p "$port"
+    wait_for 60 "moto on port $port" python3 -c "import socket; socket.create_connection(('127.0.0.1', $port), 1)"
+    "$PY" "$SIM" --endpoint "http://127.0.0.1:$port" --region "$REGION" world \
+        --subnet multi-eni-a=10.0.1.0/24 --subnet multi-eni-dpdk=10.0.2.0/24 \
+        --security-group multi-eni-demo --instances "${#NODES[@]}" --instance-type m5.large \
+        >"$DEMO_DIR/world.json"
+    say "$(jq -c '{vpc, subnets, securityGroup, instances: [.instances[].id]}' "$DEMO_DIR/world.json")"
+}
+
+make_nodes() {
+    step "4/12 Node objects (providerID -> moto instances, label ng=multi-eni) and a network namespace per node"
+    local i n inst az nodes_json="[]"
+    az=$(jq -r .az "$DEMO_DIR/world.json")
+    ip netns add "$(nitro_ns)"
+    for i in "${!NODES[@]}"; do
+        n=${NODES[$i]}
+        inst=$(jq -r ".instances[$i].id" "$DEMO_DIR/world.json")
+        kc apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: Node
+metadata:
+  name: $n
+  labels: {ng: multi-eni, kubernetes.io/hostname: $n, topology.kubernetes.io/zone: $az}
+spec:
+  providerID: aws:///$az/$inst
+EOF
+        ip netns add "$(node_ns "$n")"
+        ip -n "$(node_ns "$n")" link set lo up
+        mkdir -p "$DEMO_DIR/$n"/{sys,dev,run,device-plugins,devinfo,ipam,multus}
+        nodes_json=$(jq -c --arg n "$n" --arg i "$inst" --arg ns "$(node_ns "$n")" \
+            --arg sys "$DEMO_DIR/$n/sys" --arg dev "$DEMO_DIR/$n/dev" \
+            '. + [{name: $n, instance: $i, netns: $ns, sysfs: $sys, dev: $dev}]' <<<"$nodes_json")
+        say "  $n -> $inst, netns $(node_ns "$n"), fake sysfs $DEMO_DIR/$n/sys"
+    done
+    echo "$nodes_json" >"$DEMO_DIR/nodes.json"
+}
+
+start_sim() {
+    step "5/12 sim-nitro: ENIs attached in moto become interfaces + fake PCI devices on the nodes (log: $LOGS/sim-nitro.log)"
+    start sim-nitro "$PY" "$SIM" --endpoint "$(cat "$DEMO_DIR/moto.endpoint")" --region "$REGION" run \
+        --nodes "$DEMO_DIR/nodes.json" --nitro-netns "$(nitro_ns)" \
+        --forward-port "$(cat "$DEMO_DIR/apiserver.port")" --ready-file "$DEMO_DIR/sim-nitro.ready"
+    wait_for 30 "sim-nitro's first poll" test -f "$DEMO_DIR/sim-nitro.ready"
+    local n
+    for n in "${NODES[@]}"; do
+        wait_for 10 "the primary ENI (ens5) in $(node_ns "$n")" ip -n "$(node_ns "$n")" link show ens5
+    done
+}
+
+start_controller() {
+    step "6/12 eni-controller (log: $LOGS/eni-controller.log)"
+    start eni-controller env KUBECONFIG="$DEMO_DIR/kubeconfig" CLUSTER_NAME=$CLUSTER AWS_REGION=$REGION \
+        AWS_ENDPOINT_URL_EC2="$(cat "$DEMO_DIR/moto.endpoint")" AWS_ACCESS_KEY_ID=testing \
+        AWS_SECRET_ACCESS_KEY=testing RUST_LOG=info \
+        "$DEMO_BIN_DIR/eni-controller" --leader-elect=false --metrics-addr="127.0.0.1:$(free_port)" \
+        --in-flight-poll-interval=200ms --resync-period=1m
+    sleep 0.5
+    alive eni-controller || die "eni-controller exited"
+}
+
+start_node_agents() {
+    step "7/12 per node: kubelet-dp (the kubelet's device manager) + eni-manager in the node namespace (logs: $LOGS/kubelet-dp-*.log, eni-manager-*.log)"
+    local n d
+    for n in "${NODES[@]}"; do
+        d=$DEMO_DIR/$n
+        start "kubelet-dp-$n" "$ENI_BIN_DIR/kubelet-dp" --dir "$d/device-plugins" \
+            --kubeconfig "$DEMO_DIR/kubeconfig" --node-name "$n" --exit-on-stdin-eof=false
+        wait_for 20 "kubelet-dp's kubelet.sock for $n" test -S "$d/device-plugins/kubelet.sock"
+        start "eni-manager-$n" env KUBECONFIG="$DEMO_DIR/kubeconfig" RUST_LOG=info \
+            "$DEMO_BIN_DIR/eni-manager" --node-name "$n" --netns "/var/run/netns/$(node_ns "$n")" \
+            --sysfs-root "$d/sys" --state-dir "$d/run" --simulate-pci-kernel \
+            --device-plugin-dir "$d/device-plugins" --dev-root "$d/dev" --devinfo-dir "$d/devinfo" \
+            --metrics-addr "127.0.0.1:$(free_port)" --resync-period 30s
+    done
+    sleep 0.5
+    for n in "${NODES[@]}"; do
+        alive "eni-manager-$n" || die "eni-manager for $n exited"
+        alive "kubelet-dp-$n" || die "kubelet-dp for $n exited"
+    done
+}
+
+nodeeni_ready() {
+    local want=$((${#NODES[@]}))
+    for ne in multus-plain multus-dpdk; do
+        [[ $(kc get nodeeni "$ne" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}') == True ]] || return 1
+        [[ $(kc get nodeeni "$ne" -o jsonpath='{.status.readyAttachments}') == "$want" ]] || return 1
+    done
+}
+
+iface_ready() { # iface_ready <netns> <ifname>: up with MTU 9001
+    ip -n "$1" -j link show "$2" | jq -e '.[0].mtu == 9001 and (.[0].flags | index("UP"))' >/dev/null
+}
+
+capacity_is() { # capacity_is <node> <n>
+    [[ $(kc get node "$1" -o jsonpath="{.status.capacity.intel\.com/intel_sriov_netdevice}") == "$2" ]]
+}
+
+apply_nodeenis() {
+    step "8/12 apply the sample NodeENIs (docs/examples/nodeeni-plain.yaml: MTU 9001; nodeeni-dpdk.yaml: DPDK)"
+    kc apply -f "$REPO_DIR/docs/examples/nodeeni-plain.yaml" -f "$REPO_DIR/docs/examples/nodeeni-dpdk.yaml"
+    wait_for 90 "both NodeENIs Ready with ${#NODES[@]} attachments each" nodeeni_ready
+    local n
+    for n in "${NODES[@]}"; do
+        wait_for 30 "ens6 up with MTU 9001 in $(node_ns "$n")" iface_ready "$(node_ns "$n")" ens6
+        wait_for 30 "capacity $RESOURCE=1 on $n" capacity_is "$n" 1
+    done
+}
+
+print_state() {
+    step "9/12 what the system did"
+    show "NodeENIs" kc get nodeeni -o wide
+    show "Attachments (the older controller's custom-columns still work)" kc get nodeeni -o \
+        'custom-columns=NODEENI:.metadata.name,NODE:.status.attachments[*].nodeID,ENI:.status.attachments[*].eniID,INDEX:.status.attachments[*].deviceIndex,MAC:.status.attachments[*].macAddress,MTU:.status.attachments[*].mtu,STATUS:.status.attachments[*].status'
+    show "What each node daemon reports (status.nodeReports)" kc get nodeeni multus-dpdk -o \
+        'custom-columns=NODE:.status.nodeReports[*].nodeName,PCI:.status.nodeReports[*].interfaces[*].pciAddress,DRIVER:.status.nodeReports[*].interfaces[*].driver,DPDK:.status.nodeReports[*].interfaces[*].dpdkBound'
+    show_as "hack/sim-nitro --endpoint \$MOTO enis | jq ... (device index > 0)" "ENIs in EC2 (moto)" ec2_enis
+    local n
+    for n in "${NODES[@]}"; do
+        show "Capacity of $n (written by kubelet-dp from our device plugin)" \
+            kc get node "$n" -o jsonpath='{.status.capacity}{"\n"}'
+    done
+    show "The plain ENI in node-1's namespace: up, MTU 9001" ip -n "$(node_ns node-1)" -d link show ens6
+    show "The DPDK ENI's PCI device in node-1's fake sysfs: bound to vfio-pci" \
+        readlink "$DEMO_DIR/node-1/sys/bus/pci/devices/0000:00:07.0/driver"
+}
+
+ec2_enis() {
+    "$PY" "$SIM" --endpoint "$(cat "$DEMO_DIR/moto.endpoint")" enis |
+        jq -r '["ENI", "INSTANCE", "INDEX", "MAC", "STATUS"], (.[] | select(.deviceIndex != 0) | [.id, .instance, .deviceIndex, .mac, .status]) | @tsv' |
+        column -t
+}
+
+multus_conf() {
+    local n=$1
+    jq -n --arg kc "$DEMO_DIR/kubeconfig" --arg bin "$DEMO_DIR/cni-bin" --arg d "$DEMO_DIR/$n" '{
+        cniVersion: "1.0.0", name: "multus-cni-network", type: "multus",
+        kubeconfig: $kc, binDir: $bin, cniDir: ($d + "/multus"),
+        delegates: [{cniVersion: "1.0.0", name: "podnet", type: "ptp",
+            ipam: {type: "host-local", subnet: "10.88.1.0/24", dataDir: ($d + "/ipam")}}]
+    }'
+}
+
+# multus <ADD|DEL>: Multus as the container runtime runs it, inside node-1's namespace.
+multus() {
+    local cmd=$1 n=node-1 uid
+    uid=$(kc get pod -n $POD_NS $POD -o jsonpath='{.metadata.uid}')
+    multus_conf $n >"$DEMO_DIR/$n/multus.conf"
+    CNI_COMMAND=$cmd CNI_CONTAINERID=demo-pod-sandbox CNI_NETNS="/var/run/netns/$(pod_netns)" \
+        CNI_IFNAME=eth0 CNI_PATH="$DEMO_DIR/cni-bin" \
+        CNI_ARGS="IgnoreUnknown=true;K8S_POD_NAMESPACE=$POD_NS;K8S_POD_NAME=$POD;K8S_POD_INFRA_CONTAINER_ID=demo-pod-sandbox;K8S_POD_UID=$uid" \
+        ip netns exec "$(node_ns $n)" "$ENI_BIN_DIR/multus" <"$DEMO_DIR/$n/multus.conf"
+}
+
+make_pod() {
+    step "10/12 NetworkAttachmentDefinition (cni-helper, deviceIndex 1, host-device) + a Pod on node-1 with the Multus annotation"
+    mkdir -p "$DEMO_DIR/cni-bin"
+    ln -sf "$DEMO_BIN_DIR/cni-helper" "$DEMO_DIR/cni-bin/cni-helper"
+    local p
+    for p in host-device ptp host-local static loopback; do
+        ln -sf "$CNI_PLUGINS/$p" "$DEMO_DIR/cni-bin/$p"
+    done
+    # The sample NAD, pointed at node-1's state directory (on a real node the default,
+    # /run/aws-multi-eni, is right and stateDir is left out).
+    kc create --dry-run=client -o json -f "$REPO_DIR/docs/examples/nad-host-device.yaml" |
+        jq --arg s "$DEMO_DIR/node-1/run" '.spec.config |= (fromjson | .stateDir = $s | tojson)' |
+        kc apply -f - >/dev/null
+    # No scheduler and no kubelet here: the Pod is bound to node-1 by nodeName and stays Pending.
+    kc create --dry-run=client -o json -f "$REPO_DIR/docs/examples/pod-multus.yaml" |
+        jq '.spec.nodeName = "node-1"' | kc apply -f - >/dev/null
+    show "The NetworkAttachmentDefinition" kc get network-attachment-definitions eni-host-device -o jsonpath='{.spec.config}{"\n"}'
+}
+
+cni_add() {
+    step "11/12 Multus CNI ADD for the pod (as the runtime would), cni-helper resolves device index 1 -> ens6 (log: $LOGS/multus-add.log)"
+    ip netns list | grep -qw "^$(pod_netns)" || ip netns add "$(pod_netns)"
+    if ! multus ADD >"$LOGS/multus-add.out" 2>"$LOGS/multus-add.log"; then
+        cat "$LOGS/multus-add.out" "$LOGS/multus-add.log" >&2
+        die "Multus ADD failed"
+    fi
+    show "Inside the pod's network namespace: net1 is the ENI" ip -n "$(pod_netns)" -d link show net1
+    show "Addresses in the pod" ip -n "$(pod_netns)" -br addr
+    show "The pod's network-status annotation (written by Multus)" \
+        kc get pod -n $POD_NS $POD -o jsonpath='{.metadata.annotations.k8s\.v1\.cni\.cncf\.io/network-status}{"\n"}'
+}
+
+cni_del() {
+    step "Multus CNI DEL for the pod: the ENI goes back to the node (log: $LOGS/multus-del.log)"
+    if ! multus DEL >"$LOGS/multus-del.out" 2>"$LOGS/multus-del.log"; then
+        cat "$LOGS/multus-del.out" "$LOGS/multus-del.log" >&2
+        die "Multus DEL failed"
+    fi
+}
+
+write_env() {
+    jq -n --arg dir "$DEMO_DIR" --arg moto "$(cat "$DEMO_DIR/moto.endpoint")" \
+        --arg prefix "$DEMO_PREFIX" --arg podns "$(pod_netns)" --arg pod "$POD" \
+        --slurpfile nodes "$DEMO_DIR/nodes.json" --slurpfile world "$DEMO_DIR/world.json" '{
+        dir: $dir, kubeconfig: ($dir + "/kubeconfig"), moto: $moto, prefix: $prefix,
+        resource: "intel.com/intel_sriov_netdevice",
+        nodeENIs: {plain: "multus-plain", dpdk: "multus-dpdk"},
+        nodes: [$nodes[0][] | . + {stateDir: ($dir + "/" + .name + "/run")}],
+        pod: {name: $pod, namespace: "default", netns: $podns, node: "node-1"},
+        world: $world[0]
+    }' >"$DEMO_DIR/env.json"
+}
+
+summary() {
+    step "12/12 done in ${SECONDS}s"
+    say ""
+    say "Summary"
+    say "  - moto attached 2 ENIs to each of the 2 instances (multus-plain at index 1, multus-dpdk at index 2)"
+    say "  - both NodeENIs are Ready; the node daemons brought ens6 up with MTU 9001"
+    say "  - the DPDK ENI (00:07.0) is bound to vfio-pci and advertised: $RESOURCE = 1 on each Node"
+    say "  - Multus + cni-helper + host-device gave $POD the ENI as net1"
+    say ""
+    say "Still running, all on 127.0.0.1. Try:"
+    say "  export KUBECONFIG=$DEMO_DIR/kubeconfig; alias kubectl=$KUBECTL"
+    say "  kubectl get nodeeni -o yaml; kubectl delete nodeeni multus-dpdk; kubectl get node node-1 -o jsonpath='{.status.capacity}'"
+    say "  ip -n $(node_ns node-1) link; ip -n $(pod_netns) link"
+    say "  hack/demo.sh status | cni-del | cni-add"
+    say "Logs: $LOGS/   Stop everything: make demo-down"
+}
+
+up() {
+    trap on_exit EXIT
+    preflight
+    start_apiserver
+    start_moto
+    make_nodes
+    start_sim
+    start_controller
+    start_node_agents
+    apply_nodeenis
+    print_state
+    make_pod
+    write_env
+    cni_add
+    summary
+    trap - EXIT
+}
+
+case "${1:-up}" in
+up) up ;;
+down) down ;;
+status) print_state ;;
+cni-add)
+    trap on_exit EXIT
+    DEMO_KEEP_ON_FAILURE=1 cni_add
+    ;;
+cni-del)
+    trap on_exit EXIT
+    DEMO_KEEP_ON_FAILURE=1
+    cni_del
+    ;;
+-h | --help | help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//' ;;
+*) die "unknown command $1 (up, down, status, cni-add, cni-del)" ;;
+esac
