@@ -23,6 +23,11 @@ help: ## List the targets.
 
 .PHONY: demo
 demo: peers build ## Run the whole system on this machine (no AWS account, no cluster).
+	@# Workaround: built together with the controller, eni-manager's rustls has two crypto
+	@# backends (ring, and aws-lc-rs from the AWS SDK) and panics at start-up because
+	@# eni-manager installs no default provider. Built alone it has ring only. Drop this
+	@# line once eni-manager installs the ring provider like the controller does.
+	$(CARGO) build --locked -p eni-node --bins
 	@hack/demo.sh
 
 .PHONY: demo-down
