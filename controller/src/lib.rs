@@ -115,7 +115,16 @@ pub async fn aws_ec2(args: &ControllerArgs, metrics: Metrics) -> AwsEc2 {
     if let Some(endpoint) = &args.ec2_endpoint {
         builder = builder.endpoint_url(endpoint);
     }
-    let limiter = RateLimiter::new(Limits {
+    AwsEc2::new(
+        aws_sdk_ec2::Client::from_conf(builder.build()),
+        metrics,
+        rate_limiter(args),
+    )
+}
+
+/// The client-side EC2 rate limiter the flags ask for.
+pub fn rate_limiter(args: &ControllerArgs) -> RateLimiter {
+    RateLimiter::new(Limits {
         mutating: Bucket {
             burst: args.ec2_mutating_burst,
             per_second: args.ec2_mutating_rate,
@@ -124,12 +133,7 @@ pub async fn aws_ec2(args: &ControllerArgs, metrics: Metrics) -> AwsEc2 {
             burst: args.ec2_describe_burst,
             per_second: args.ec2_describe_rate,
         },
-    });
-    AwsEc2::new(
-        aws_sdk_ec2::Client::from_conf(builder.build()),
-        metrics,
-        limiter,
-    )
+    })
 }
 
 /// Waits until this replica holds the Lease; a background task exits the process

@@ -17,7 +17,8 @@ use eni_controller::config::Cli;
 use eni_controller::ec2::aws::AwsEc2;
 use eni_controller::metrics::Metrics;
 use eni_controller::ratelimit::RateLimiter;
-use eni_testkit::{ApiServer, Moto, eventually};
+use eni_testkit::faults::{FaultConfig, FaultProxy};
+use eni_testkit::{ApiServer, Child, Moto, eventually};
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -38,7 +39,10 @@ pub struct World {
     /// Security groups by group name.
     pub groups: BTreeMap<String, String>,
     pub metrics: Metrics,
+    /// The EC2 fault layer in front of moto, once started.
+    pub faults: Option<FaultProxy>,
     controller: Option<tokio::task::JoinHandle<()>>,
+    dir: tempfile::TempDir,
 }
 
 impl Drop for World {
@@ -132,8 +136,62 @@ impl World {
             subnets,
             groups,
             metrics: Metrics::new(),
+            faults: None,
             controller: None,
+            dir: tempfile::tempdir().expect("temp dir"),
         }
+    }
+
+    /// Puts the EC2 fault layer in front of moto; controllers started afterwards use it.
+    pub async fn start_faults(&mut self, config: FaultConfig) {
+        self.faults = Some(
+            FaultProxy::start(&self.moto.endpoint, config)
+                .await
+                .expect("fault proxy"),
+        );
+    }
+
+    /// The EC2 endpoint controllers talk to.
+    pub fn controller_endpoint(&self) -> String {
+        match &self.faults {
+            Some(f) => f.endpoint.clone(),
+            None => self.moto.endpoint.clone(),
+        }
+    }
+
+    /// Starts the real `eni-controller` binary (for crash tests) with extra flags; its
+    /// log goes to `<tempdir>/controller-<n>.log`.
+    pub fn spawn_controller(&self, n: usize, extra: &[&str]) -> Child {
+        let mut args: Vec<String> = [
+            "AWS_ACCESS_KEY_ID=testing",
+            "AWS_SECRET_ACCESS_KEY=testing",
+            "AWS_REGION=us-east-1",
+            "AWS_EC2_METADATA_DISABLED=true",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.push(format!("KUBECONFIG={}", self.api.kubeconfig.display()));
+        args.push(env!("CARGO_BIN_EXE_eni-controller").to_string());
+        for a in [
+            "--cluster-name",
+            CLUSTER,
+            "--leader-elect=false",
+            "--metrics-addr=127.0.0.1:0",
+            "--in-flight-poll-interval=200ms",
+            "--log-level=info,eni_controller=debug",
+        ] {
+            args.push(a.to_string());
+        }
+        args.push(format!("--ec2-endpoint={}", self.controller_endpoint()));
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Child::spawn(
+            "eni-controller",
+            std::path::Path::new("/usr/bin/env"),
+            &args,
+            &self.dir.path().join(format!("controller-{n}.log")),
+        )
+        .expect("spawn eni-controller")
     }
 
     /// Launches an instance in `net-a` and creates a Node pointing at it.
@@ -200,9 +258,13 @@ impl World {
         argv.extend_from_slice(extra);
         let args = Cli::try_parse_from(argv).expect("flags").controller;
         let ec2 = AwsEc2::new(
-            ec2_client(&self.moto.endpoint),
+            ec2_client(&self.controller_endpoint()),
             self.metrics.clone(),
-            RateLimiter::unlimited(),
+            if self.faults.is_some() {
+                eni_controller::rate_limiter(&args)
+            } else {
+                RateLimiter::unlimited()
+            },
         );
         let kube = self.kube.clone();
         let metrics = self.metrics.clone();
@@ -240,8 +302,20 @@ impl World {
         what: &str,
         check: impl Fn(&NodeENI) -> bool,
     ) -> NodeENI {
+        self.wait_for_long(name, what, Duration::from_secs(60), check)
+            .await
+    }
+
+    /// [`wait_for`](Self::wait_for) with a custom deadline.
+    pub async fn wait_for_long(
+        &self,
+        name: &str,
+        what: &str,
+        deadline: Duration,
+        check: impl Fn(&NodeENI) -> bool,
+    ) -> NodeENI {
         let api = self.nodeenis();
-        let found = eventually(Duration::from_secs(60), || {
+        let found = eventually(deadline, || {
             let api = api.clone();
             let check = &check;
             async move {
