@@ -34,10 +34,12 @@ spec:
 #[ignore = "integration: needs kube-apiserver and moto (make test-integration)"]
 async fn killed_controller_leaves_no_duplicates_or_orphans() {
     let mut w = World::new().await;
-    let mut config = FaultConfig::default();
-    config.latency = LatencyConfig {
-        min_ms: 20,
-        max_ms: 120,
+    let mut config = FaultConfig {
+        latency: LatencyConfig {
+            min_ms: 20,
+            max_ms: 120,
+        },
+        ..FaultConfig::default()
     };
     config.throttle.scale = 0.5;
     w.start_faults(config).await;
