@@ -115,10 +115,20 @@ on_exit() {
     if ((rc != 0)); then
         printf '\n\033[1;31mFAILED\033[0m at step: %s\n' "$STEP" >&2
         printf 'Logs: %s/\n' "$LOGS" >&2
-        for f in "$LOGS"/*.log; do
+        # The logs of the processes that died, and of the failed step.
+        local f name shown=" "
+        for f in "$PIDS"/*.pid; do
+            [[ -e $f ]] || continue
+            name=$(basename "$f" .pid)
+            alive "$name" || shown+="$LOGS/$name.log "
+        done
+        for f in $(grep -o "$LOGS/[^ ,)]*" <<<"$STEP"); do
+            [[ $shown == *" $f "* ]] || shown+="$f "
+        done
+        for f in $shown; do
             [[ -s $f ]] || continue
             printf '\n--- last lines of %s\n' "$f" >&2
-            tail -n 8 "$f" >&2
+            tail -n 12 "$f" >&2
         done
         if [[ ${DEMO_KEEP_ON_FAILURE:-0} == 1 ]]; then
             printf '\nLeft running (DEMO_KEEP_ON_FAILURE=1); stop with: hack/demo.sh down\n' >&2
@@ -376,7 +386,7 @@ capacity_is() { # capacity_is <node> <n>
 }
 
 apply_nodeenis() {
-    step "8/12 apply the sample NodeENIs (docs/examples/nodeeni-plain.yaml: MTU 9001; nodeeni-dpdk.yaml: DPDK)"
+    step "8/12 apply the sample NodeENIs (docs/examples/nodeeni-plain.yaml: MTU 9001; nodeeni-dpdk.yaml: DPDK) and wait for Ready, MTU, capacity (logs: $LOGS/eni-controller.log $LOGS/eni-manager-*.log $LOGS/kubelet-dp-*.log $LOGS/sim-nitro.log)"
     kc apply -f "$REPO_DIR/docs/examples/nodeeni-plain.yaml" -f "$REPO_DIR/docs/examples/nodeeni-dpdk.yaml"
     wait_for 90 "both NodeENIs Ready with ${#NODES[@]} attachments each" nodeeni_ready
     local n
