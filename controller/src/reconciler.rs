@@ -473,7 +473,7 @@ fn claimed_by(eni: &crate::ec2::Eni, slot: &Slot) -> bool {
         && eni.tags.get(tags::DEVICE_INDEX) == Some(&slot.device_index.to_string())
 }
 
-/// Plans one slot against the current inventory.
+/// Plans one slot against the current inventory (clones only the slot's own ENIs).
 fn slot_plan<E: Ec2>(
     ctx: &Context<E>,
     nodeeni: &str,
@@ -481,8 +481,13 @@ fn slot_plan<E: Ec2>(
     settings: &Settings,
 ) -> SlotPlan {
     let inventory = lock(&ctx.inventory);
-    let enis = inventory.owned_by(nodeeni);
-    let candidates: Vec<&crate::ec2::Eni> = enis.iter().filter(|e| claimed_by(e, slot)).collect();
+    let candidates: Vec<crate::ec2::Eni> = inventory
+        .all()
+        .filter(|e| e.tags.get(tags::NODE_ENI).map(String::as_str) == Some(nodeeni))
+        .filter(|e| claimed_by(e, slot))
+        .cloned()
+        .collect();
+    let candidates: Vec<&crate::ec2::Eni> = candidates.iter().collect();
     let view = ctx
         .instances
         .get(&slot.instance_id)
