@@ -542,6 +542,6 @@ cni-del)
     DEMO_KEEP_ON_FAILURE=1
     cni_del
     ;;
--h | --help | help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//' ;;
+-h | --help | help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//' ;;
 *) die "unknown command $1 (up, down, status, cni-add, cni-del)" ;;
 esac

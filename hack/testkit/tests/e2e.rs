@@ -87,6 +87,16 @@ impl Drop for Demo {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
+        if std::thread::panicking() {
+            // The temp dir goes away: keep the logs for the post-mortem.
+            let keep = std::env::temp_dir().join(format!("{}-logs", self.prefix));
+            let _ = Command::new("cp")
+                .arg("-r")
+                .arg(self.dir.path().join("logs"))
+                .arg(&keep)
+                .status();
+            eprintln!("e2e: demo logs kept in {}", keep.display());
+        }
     }
 }
 
