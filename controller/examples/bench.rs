@@ -39,15 +39,7 @@ struct Args {
 const CLUSTER: &str = "bench";
 
 fn ec2_client(endpoint: &str) -> aws_sdk_ec2::Client {
-    let creds = aws_credential_types::Credentials::new("testing", "testing", None, None, "bench");
-    aws_sdk_ec2::Client::from_conf(
-        aws_sdk_ec2::Config::builder()
-            .behavior_version(aws_sdk_ec2::config::BehaviorVersion::latest())
-            .region(aws_sdk_ec2::config::Region::new("us-east-1"))
-            .credentials_provider(creds)
-            .endpoint_url(endpoint)
-            .build(),
-    )
+    eni_testkit::ec2_client(endpoint)
 }
 
 /// (current, peak) RSS of a process in MiB.

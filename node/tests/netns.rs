@@ -11,34 +11,12 @@ use std::time::{Duration, Instant};
 use common::{Manager, Netns, is_up, mtu, poll};
 use eni_api::{NodeENI, crd};
 use eni_testkit::{ApiServer, eventually};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 
 async fn client_with_crd() -> (Client, &'static ApiServer) {
     let server = ApiServer::shared().await.expect("start kube-apiserver");
-    let client = server.client().await.expect("client");
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    crds.patch(
-        "nodeenis.networking.k8s.aws",
-        &PatchParams::apply("eni-node-test").force(),
-        &Patch::Apply(crd()),
-    )
-    .await
-    .expect("apply the CRD");
-    let established = eventually(Duration::from_secs(30), || {
-        let crds = crds.clone();
-        async move {
-            let crd = crds.get("nodeenis.networking.k8s.aws").await.ok()?;
-            crd.status?
-                .conditions?
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True")
-                .then_some(())
-        }
-    })
-    .await;
-    assert!(established.is_some(), "CRD never became Established");
+    let client = server.install_crd(&crd()).await.expect("install the CRD");
     (client, server)
 }
 

@@ -3,39 +3,14 @@
 //!
 //! Integration tier: `make test-integration` (needs the peers from `hack/peers.sh`).
 
-use std::time::Duration;
-
 use eni_api::{NodeENI, crd};
-use eni_testkit::{ApiServer, eventually};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use eni_testkit::ApiServer;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 
 async fn client_with_crd() -> Client {
     let server = ApiServer::shared().await.expect("start kube-apiserver");
-    let client = server.client().await.expect("client");
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    crds.patch(
-        "nodeenis.networking.k8s.aws",
-        &PatchParams::apply("eni-api-test").force(),
-        &Patch::Apply(crd()),
-    )
-    .await
-    .expect("apply the CRD");
-    let established = eventually(Duration::from_secs(30), || {
-        let crds = crds.clone();
-        async move {
-            let crd = crds.get("nodeenis.networking.k8s.aws").await.ok()?;
-            let conds = crd.status?.conditions?;
-            conds
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True")
-                .then_some(())
-        }
-    })
-    .await;
-    assert!(established.is_some(), "CRD never became Established");
-    client
+    server.install_crd(&crd()).await.expect("install the CRD")
 }
 
 /// Creates `yaml` as a NodeENI (through the dynamic JSON path, as kubectl would).

@@ -20,7 +20,6 @@ use eni_controller::ratelimit::RateLimiter;
 use eni_testkit::faults::{FaultConfig, FaultProxy};
 use eni_testkit::{ApiServer, Child, Moto, eventually};
 use k8s_openapi::api::core::v1::Node;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 
@@ -54,14 +53,7 @@ impl Drop for World {
 }
 
 pub fn ec2_client(endpoint: &str) -> aws_sdk_ec2::Client {
-    let creds = aws_credential_types::Credentials::new("testing", "testing", None, None, "test");
-    let config = aws_sdk_ec2::Config::builder()
-        .behavior_version(aws_sdk_ec2::config::BehaviorVersion::latest())
-        .region(aws_sdk_ec2::config::Region::new("us-east-1"))
-        .credentials_provider(creds)
-        .endpoint_url(endpoint)
-        .build();
-    aws_sdk_ec2::Client::from_conf(config)
+    eni_testkit::ec2_client(endpoint)
 }
 
 fn tag_spec(kind: ResourceType, name: &str) -> TagSpecification {
@@ -78,8 +70,10 @@ impl World {
         let (api, moto) = tokio::join!(ApiServer::start(), Moto::start());
         let api = api.expect("kube-apiserver");
         let moto = moto.expect("moto");
-        let kube = api.client().await.expect("client");
-        install_crd(&kube).await;
+        let kube = api
+            .install_crd(&eni_api::crd())
+            .await
+            .expect("install the CRD");
         let ec2 = ec2_client(&moto.endpoint);
         let vpc = ec2
             .create_vpc()
@@ -377,28 +371,4 @@ pub fn condition<'a>(
         .conditions
         .iter()
         .find(|c| c.type_ == type_)
-}
-
-pub async fn install_crd(client: &Client) {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    crds.patch(
-        "nodeenis.networking.k8s.aws",
-        &PatchParams::apply("it").force(),
-        &Patch::Apply(eni_api::crd()),
-    )
-    .await
-    .expect("apply CRD");
-    let established = eventually(Duration::from_secs(30), || {
-        let crds = crds.clone();
-        async move {
-            let crd = crds.get("nodeenis.networking.k8s.aws").await.ok()?;
-            crd.status?
-                .conditions?
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True")
-                .then_some(())
-        }
-    })
-    .await;
-    assert!(established.is_some(), "CRD not established");
 }

@@ -4,6 +4,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use tokio::sync::OnceCell;
@@ -151,6 +153,39 @@ impl ApiServer {
             });
         }
         Ok(client.apiserver_version().await?.git_version)
+    }
+
+    /// Applies a CRD (server-side apply) and waits until it is Established.
+    pub async fn install_crd(&self, crd: &CustomResourceDefinition) -> Result<Client, Error> {
+        let client = self.client().await?;
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+        crds.patch(
+            &name,
+            &PatchParams::apply("eni-testkit").force(),
+            &Patch::Apply(crd),
+        )
+        .await?;
+        let established = crate::eventually(Duration::from_secs(30), || {
+            let (crds, name) = (crds.clone(), name.clone());
+            async move {
+                let crd = crds.get(&name).await.ok()?;
+                crd.status?
+                    .conditions?
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True")
+                    .then_some(())
+            }
+        })
+        .await;
+        match established {
+            Some(()) => Ok(client),
+            None => Err(Error::NotReady {
+                what: "CustomResourceDefinition",
+                after: Duration::from_secs(30),
+                log: self.apiserver.log().to_path_buf(),
+            }),
+        }
     }
 
     /// A client with cluster-admin rights.

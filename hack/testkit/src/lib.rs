@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use apiserver::ApiServer;
-pub use moto::Moto;
+pub use moto::{Moto, ec2_client};
 pub use process::{Child, free_port};
 
 /// Errors starting a peer.

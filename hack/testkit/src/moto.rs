@@ -55,6 +55,22 @@ impl Moto {
     }
 }
 
+/// An EC2 client for a loopback endpoint (moto or the fault layer) with dummy
+/// credentials and no retries, so tests see every error.
+pub fn ec2_client(endpoint: &str) -> aws_sdk_ec2::Client {
+    use aws_sdk_ec2::config::{BehaviorVersion, Region, retry::RetryConfig};
+    let creds = aws_credential_types::Credentials::new("testing", "testing", None, None, "testkit");
+    aws_sdk_ec2::Client::from_conf(
+        aws_sdk_ec2::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .endpoint_url(endpoint)
+            .credentials_provider(creds)
+            .retry_config(RetryConfig::disabled())
+            .build(),
+    )
+}
+
 fn moto_bin() -> PathBuf {
     cache_dir().join("moto-venv/bin/moto_server")
 }

@@ -4,7 +4,6 @@ use std::time::Duration;
 
 use aws_sdk_ec2::Client;
 use aws_sdk_ec2::config::retry::RetryConfig;
-use aws_sdk_ec2::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::types::{
     AttachmentStatus, InstanceType, NetworkInterfaceAttachmentChanges, NetworkInterfaceStatus,
@@ -35,14 +34,7 @@ async fn proxy(config: FaultConfig) -> FaultProxy {
 
 /// An EC2 client without retries, so every error is seen.
 fn ec2(endpoint: &str) -> Client {
-    let conf = aws_sdk_ec2::Config::builder()
-        .behavior_version(BehaviorVersion::latest())
-        .region(Region::new("us-east-1"))
-        .endpoint_url(endpoint)
-        .credentials_provider(Credentials::new("testing", "testing", None, None, "test"))
-        .retry_config(RetryConfig::disabled())
-        .build();
-    Client::from_conf(conf)
+    eni_testkit::ec2_client(endpoint)
 }
 
 /// The error code and HTTP status of a failed call.
