@@ -213,6 +213,8 @@ preflight() {
     for b in eni-controller eni-manager cni-helper; do
         [[ -x $DEMO_BIN_DIR/$b ]] || die "$DEMO_BIN_DIR/$b missing: run make build (or set DEMO_BIN_DIR)"
     done
+    "$DEMO_BIN_DIR/eni-manager" --help 2>/dev/null | grep -q -- --device-plugin-dir ||
+        die "$DEMO_BIN_DIR/eni-manager is older than its device plugin flags: run make build (or set DEMO_BIN_DIR)"
     for b in host-device ptp host-local static loopback; do
         [[ -x $CNI_PLUGINS/$b ]] || die "CNI plugin $CNI_PLUGINS/$b missing (Debian: apt-get install containernetworking-plugins)"
     done
