@@ -409,7 +409,7 @@ print_state() {
     local n
     for n in "${NODES[@]}"; do
         show "Capacity of $n (written by kubelet-dp from our device plugin)" \
-            kc get node "$n" -o jsonpath='{.status.capacity}{"\n"}'
+            kc get node "$n" -o jsonpath='capacity: {.status.capacity}{"\n"}allocatable: {.status.allocatable}{"\n"}'
     done
     show "The plain ENI in node-1's namespace: up, MTU 9001" ip -n "$(node_ns node-1)" -d link show ens6
     show "The DPDK ENI's PCI device in node-1's fake sysfs: bound to vfio-pci" \

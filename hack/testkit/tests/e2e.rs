@@ -171,6 +171,15 @@ fn capacity(node: &k8s_openapi::api::core::v1::Node) -> Option<String> {
         .map(|q| q.0.clone())
 }
 
+fn allocatable(node: &k8s_openapi::api::core::v1::Node) -> Option<String> {
+    node.status
+        .as_ref()?
+        .allocatable
+        .as_ref()?
+        .get(RESOURCE)
+        .map(|q| q.0.clone())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "integration: root, network namespaces, all peers; runs hack/demo.sh (make test-integration)"]
 async fn demo_flow_nodeeni_to_pod_interface_and_back() {
@@ -273,7 +282,9 @@ async fn demo_flow_nodeeni_to_pod_interface_and_back() {
         let name = n["name"].as_str().expect("name");
         let want = dpdk.get(name).map_or(0, Vec::len).to_string();
         let node = nodes_api.get(name).await.expect("node");
-        assert_eq!(capacity(&node), Some(want), "{name} capacity");
+        assert_eq!(capacity(&node), Some(want.clone()), "{name} capacity");
+        // Healthy too: bound to vfio-pci, group device present.
+        assert_eq!(allocatable(&node), Some(want), "{name} allocatable");
     }
 
     // The plain ENI: up with MTU 9001 in its node (node-2); node-1's is in the pod as net1.
