@@ -23,11 +23,6 @@ help: ## List the targets.
 
 .PHONY: demo
 demo: peers build ## Run the whole system on this machine (no AWS account, no cluster).
-	@# Workaround: built together with the controller, eni-manager's rustls has two crypto
-	@# backends (ring, and aws-lc-rs from the AWS SDK) and panics at start-up because
-	@# eni-manager installs no default provider. Built alone it has ring only. Drop this
-	@# line once eni-manager installs the ring provider like the controller does.
-	$(CARGO) build --locked -p eni-node --bins
 	@hack/demo.sh
 
 .PHONY: demo-down
@@ -35,7 +30,7 @@ demo-down: ## Stop whatever a demo left running.
 	@hack/demo.sh down
 
 .PHONY: test
-test: peers fmt-check lint test-unit test-integration ## Everything CI runs: peers, fmt, clippy, unit and integration tests.
+test: peers fmt-check lint test-unit release test-integration ## Everything CI runs: peers, fmt, clippy, unit tests, the release build the images run, integration tests.
 
 .PHONY: peers
 peers: ## Build or fetch the real test peers into the cache (idempotent).
@@ -46,7 +41,7 @@ build: ## Build all binaries (debug).
 	$(CARGO) build --workspace --locked --bins
 
 .PHONY: release
-release: ## Release build of the binaries the Dockerfiles ship.
+release: ## Release build of the binaries the Dockerfiles ship (what they run).
 	$(CARGO) build --release --locked -p eni-controller -p eni-node -p cni-helper
 
 .PHONY: fmt

@@ -49,6 +49,9 @@ async fn shutdown_signal() {
 async fn main() -> anyhow::Result<()> {
     let cfg = Config::parse();
     init_tracing(cfg.log_format);
+    // Built in one workspace with the controller, rustls may carry two crypto backends
+    // (ring, and aws-lc-rs from the AWS SDK); choose one process-wide, as the controller does.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     info!(
         node = cfg.node_name,
         version = env!("CARGO_PKG_VERSION"),
