@@ -91,14 +91,16 @@ pub struct ControllerArgs {
     /// Client-side rate limit for each mutating EC2 action (requests per second).
     #[arg(long, env = "EC2_MUTATING_RATE", default_value_t = 5.0)]
     pub ec2_mutating_rate: f64,
-    /// Burst for each mutating EC2 action.
-    #[arg(long, env = "EC2_MUTATING_BURST", default_value_t = 50.0)]
+    /// Burst for each mutating EC2 action. EC2's bucket holds 50; keeping 10 in reserve
+    /// absorbs network jitter (requests paced at the refill rate do not arrive evenly),
+    /// so the controller's own requests are never throttled.
+    #[arg(long, env = "EC2_MUTATING_BURST", default_value_t = 40.0)]
     pub ec2_mutating_burst: f64,
     /// Client-side rate limit for each Describe action (requests per second).
     #[arg(long, env = "EC2_DESCRIBE_RATE", default_value_t = 20.0)]
     pub ec2_describe_rate: f64,
-    /// Burst for each Describe action.
-    #[arg(long, env = "EC2_DESCRIBE_BURST", default_value_t = 100.0)]
+    /// Burst for each Describe action (EC2: 100, 10 kept in reserve).
+    #[arg(long, env = "EC2_DESCRIBE_BURST", default_value_t = 90.0)]
     pub ec2_describe_burst: f64,
 
     /// Delete `available` ENIs tagged with this cluster whose NodeENI or Node no longer
