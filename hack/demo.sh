@@ -359,14 +359,7 @@ start_node_agents() {
     done
     sleep 0.5
     for n in "${NODES[@]}"; do
-        if ! alive "eni-manager-$n"; then
-            if grep -q CryptoProvider "$LOGS/eni-manager-$n.log"; then
-                printf 'hint: this eni-manager was built together with the controller (cargo build --workspace):\n' >&2
-                printf '      its rustls has two crypto backends and none selected. Rebuild it alone:\n' >&2
-                printf '      cargo build -p eni-node --bins   (make demo does)\n' >&2
-            fi
-            die "eni-manager for $n exited (log: $LOGS/eni-manager-$n.log)"
-        fi
+        alive "eni-manager-$n" || die "eni-manager for $n exited (log: $LOGS/eni-manager-$n.log)"
         alive "kubelet-dp-$n" || die "kubelet-dp for $n exited"
     done
 }
