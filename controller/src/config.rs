@@ -66,8 +66,10 @@ pub struct ControllerArgs {
     pub max_concurrent_eni_cleanup: usize,
 
     /// ENI provisioning chains (create, attach, modify) run at once within one NodeENI.
-    /// EC2 calls are paced by the rate limiter, so this only bounds memory and sockets.
-    #[arg(long, env = "MAX_CONCURRENT_ENI_OPERATIONS", default_value_t = 64)]
+    /// EC2 calls are paced by the rate limiter, which queues them in order, so this only
+    /// bounds memory; it should exceed the ENIs one NodeENI provisions at once, or the
+    /// buckets idle while chains wait for a slot.
+    #[arg(long, env = "MAX_CONCURRENT_ENI_OPERATIONS", default_value_t = 2048)]
     pub max_concurrent_eni_operations: usize,
 
     /// How often converged NodeENIs are checked again and all managed ENIs are

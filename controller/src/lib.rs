@@ -226,7 +226,7 @@ pub async fn run_with<E: Ec2>(
             detach_timeout: args.detachment_timeout,
             parallel_operations: args.max_concurrent_eni_operations,
             parallel_cleanups: args.max_concurrent_eni_cleanup,
-            pass_budget: std::time::Duration::from_secs(10),
+            status_interval: std::time::Duration::from_secs(10),
         },
         inventory,
         instances: Instances::default(),
@@ -235,6 +235,7 @@ pub async fn run_with<E: Ec2>(
         recorder,
         metrics,
         in_flight: in_flight.clone(),
+        inventory_changed: Arc::new(Notify::new()),
     });
 
     let (trigger_tx, trigger_rx) = mpsc::unbounded_channel::<ObjectRef<NodeENI>>();

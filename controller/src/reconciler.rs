@@ -55,9 +55,8 @@ pub struct ReconcilerConfig {
     pub parallel_operations: usize,
     /// Removal chains run at once within one NodeENI.
     pub parallel_cleanups: usize,
-    /// After this long a pass starts no new chains, writes status and continues in the
-    /// next pass.
-    pub pass_budget: Duration,
+    /// While a long pass runs (bulk provisioning), status is written this often.
+    pub status_interval: Duration,
 }
 
 /// Everything a reconcile needs, shared by all reconciles.
@@ -82,6 +81,9 @@ pub struct Context<E: Ec2> {
     pub metrics: Metrics,
     /// Wakes the in-flight poller after an attach or detach.
     pub in_flight: Arc<Notify>,
+    /// Notified (all waiters) whenever the poller or resync changed the inventory, so a
+    /// chain waiting for an attach to complete continues at once.
+    pub inventory_changed: Arc<Notify>,
 }
 
 impl<E: Ec2> std::fmt::Debug for Context<E> {
@@ -326,7 +328,31 @@ async fn reconcile_inner<E: Ec2>(obj: Arc<NodeENI>, ctx: &Context<E>) -> Result<
         }
     }
 
-    let plan = execute_pass(ctx, &obj, &slots, &mut outcome).await;
+    let interim = Outcome {
+        issues: outcome.issues.clone(),
+        subnets: outcome.subnets.clone(),
+        subnet_ids: outcome.subnet_ids.clone(),
+        security_groups: outcome.security_groups.clone(),
+        ..Outcome::default()
+    };
+    let plan = {
+        let pass = execute_pass(ctx, &obj, &slots, &mut outcome);
+        tokio::pin!(pass);
+        let mut tick = tokio::time::interval(ctx.config.status_interval);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                plan = &mut pass => break plan,
+                _ = tick.tick() => {
+                    // Bulk provisioning takes minutes at EC2's rate: report progress.
+                    let progress = current_plan(ctx, &name, &slots);
+                    if let Err(e) = write_status(ctx, &api, &obj, Some(&progress), &interim).await {
+                        debug!(error = %e, "interim status");
+                    }
+                }
+            }
+        }
+    };
 
     write_status(ctx, &api, &obj, Some(&plan), &outcome).await?;
     update_gauges(ctx);
@@ -373,7 +399,6 @@ async fn execute_pass<E: Ec2>(
     outcome: &mut Outcome,
 ) -> Plan {
     let name = obj.name_any();
-    let deadline = tokio::time::Instant::now() + ctx.config.pass_budget;
     let first = current_plan(ctx, &name, slots);
 
     // Slot chains.
@@ -386,9 +411,6 @@ async fn execute_pass<E: Ec2>(
         .collect();
     let results: Vec<Option<(String, String, &'static str)>> =
         futures::stream::iter(slot_jobs.into_iter().map(|(slot, settings)| async move {
-            if tokio::time::Instant::now() >= deadline {
-                return None;
-            }
             run_slot_chain(ctx, obj, &slot, &settings).await.err()
         }))
         .buffer_unordered(ctx.config.parallel_operations.max(1))
@@ -405,16 +427,14 @@ async fn execute_pass<E: Ec2>(
             _ => None,
         })
         .collect();
-    let results: Vec<Option<(String, String, &'static str)>> =
-        futures::stream::iter(removals.into_iter().map(|(id, action)| async move {
-            if tokio::time::Instant::now() >= deadline {
-                return None;
-            }
-            run_removal(ctx, obj, &id, action).await.err()
-        }))
-        .buffer_unordered(ctx.config.parallel_cleanups.max(1))
-        .collect()
-        .await;
+    let results: Vec<Option<(String, String, &'static str)>> = futures::stream::iter(
+        removals
+            .into_iter()
+            .map(|(id, action)| async move { run_removal(ctx, obj, &id, action).await.err() }),
+    )
+    .buffer_unordered(ctx.config.parallel_cleanups.max(1))
+    .collect()
+    .await;
     outcome.slot_errors.extend(results.into_iter().flatten());
 
     current_plan(ctx, &name, slots)
@@ -501,7 +521,9 @@ fn slot_plan<E: Ec2>(
     plan::plan_slot(slot, &candidates, settings, view.as_ref())
 }
 
-/// Runs a slot's actions until it has to wait: create -> attach, or a drift fix.
+/// Runs a slot's actions until it is done or blocked: create -> attach -> (wait for
+/// the poller to see the attachment) -> set DeleteOnTermination, or a drift fix. One chain
+/// per ENI keeps every EC2 bucket busy at once instead of one action kind per pass.
 async fn run_slot_chain<E: Ec2>(
     ctx: &Context<E>,
     obj: &NodeENI,
@@ -510,17 +532,29 @@ async fn run_slot_chain<E: Ec2>(
 ) -> Result<(), (String, String, &'static str)> {
     let name = obj.name_any();
     // Bounded: a slot needs at most create, attach, and three modifications.
-    for _ in 0..6 {
+    for _ in 0..8 {
+        // Register interest before looking, so a change in between is not missed.
+        let changed = ctx.inventory_changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
         let sp = slot_plan(ctx, &name, slot, settings);
-        let Step::Act(action) = sp.step else {
-            return Ok(());
-        };
-        execute_slot_action(ctx, obj, slot, settings, action)
-            .await
-            .map_err(|(msg, reason)| (slot.node.clone(), msg, reason))?;
+        match sp.step {
+            Step::Act(action) => execute_slot_action(ctx, obj, slot, settings, action)
+                .await
+                .map_err(|(msg, reason)| (slot.node.clone(), msg, reason))?,
+            Step::Wait if sp.status == AttachmentStatus::Attaching => {
+                if tokio::time::timeout(ATTACH_WAIT, changed).await.is_err() {
+                    return Ok(());
+                }
+            }
+            _ => return Ok(()),
+        }
     }
     Ok(())
 }
+
+/// How long a chain waits for EC2 to finish an attach before leaving it to a later pass.
+const ATTACH_WAIT: Duration = Duration::from_secs(30);
 
 async fn execute_slot_action<E: Ec2>(
     ctx: &Context<E>,

@@ -95,6 +95,7 @@ pub async fn poll_in_flight<E: Ec2>(
         match ctx.ec2.describe_enis(EniQuery::Ids(ids.clone())).await {
             Ok(found) => {
                 let changed = lock(&ctx.inventory).refresh(&ids, found);
+                ctx.inventory_changed.notify_waiters();
                 trigger(&tx, changed);
             }
             Err(e) => warn!(error = %e, "polling in-flight ENIs"),
@@ -121,6 +122,7 @@ pub async fn resync<E: Ec2>(
         match ctx.ec2.describe_enis(query).await {
             Ok(all) => {
                 let changed = lock(&ctx.inventory).replace_all(all, started);
+                ctx.inventory_changed.notify_waiters();
                 if !changed.is_empty() {
                     info!(nodeenis = ?changed, "resync found ENIs changed outside the controller");
                 }

@@ -13,7 +13,7 @@ use tokio::sync::OnceCell;
 use crate::{Child, Error, free_port, peer};
 
 const TOKEN: &str = "testkit-admin-token";
-const READY_TIMEOUT: Duration = Duration::from_secs(90);
+const READY_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// A running etcd + kube-apiserver pair with an admin kubeconfig.
 #[derive(Debug)]
