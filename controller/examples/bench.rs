@@ -245,9 +245,11 @@ async fn main() {
         "controller did not start; log: {}",
         log.display()
     );
-    // Start-up (the adoption describe) is not part of the measurement.
+    // Start-up (the adoption describe) is not part of the measurement. Stats are
+    // cumulative; each phase reports the difference (a reset would also make the fault
+    // layer forget DeleteOnTermination, which real EC2 keeps).
     tokio::time::sleep(Duration::from_secs(2)).await;
-    faults.reset();
+    let mut base = faults.stats();
 
     let nodeenis: Api<NodeENI> = Api::all(kube.clone());
     let obj: NodeENI = serde_json::from_value(serde_json::json!({
@@ -282,7 +284,7 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let converge = t0.elapsed().as_secs_f64();
-    let stats = faults.stats();
+    let stats = since(&base, &faults.stats());
     let mutating = stats.mutating_requests() as f64;
     let describes = stats.describe_requests() as f64;
     // Each ENI needs one token from each of three buckets (create, attach, modify); the
@@ -306,15 +308,15 @@ async fn main() {
         );
     }
 
-    faults.reset();
+    base = faults.stats();
     println!("-- idle for {}", humantime::format_duration(args.idle));
     let idle_end = Instant::now() + args.idle;
     while Instant::now() < idle_end {
         peak = peak.max(rss_mib(pid).1);
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    let idle = faults.stats();
-    println!("EC2 calls while idle:           {}", idle.total.requests);
+    let idle = since(&base, &faults.stats());
+    println!("EC2 calls while idle:           {}", idle.total_requests());
     for (action, a) in &idle.actions {
         println!("  {action:<34} requests {:>6}", a.requests);
     }
@@ -322,7 +324,7 @@ async fn main() {
     peak = peak.max(hwm);
     println!("controller RSS now / peak:      {rss:.1} MiB / {peak:.1} MiB");
 
-    faults.reset();
+    base = faults.stats();
     let t1 = Instant::now();
     nodeenis
         .delete("bench", &DeleteParams::default())
@@ -336,7 +338,7 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let delete = t1.elapsed().as_secs_f64();
-    let stats = faults.stats();
+    let stats = since(&base, &faults.stats());
     let dbound = ((n as f64 - 50.0).max(0.0) / 5.0) + 2.0 * 0.05;
     println!("-- delete the NodeENI ({n} ENIs)");
     println!("time to NodeENI gone:           {delete:.1} s");
@@ -381,4 +383,50 @@ async fn main() {
         );
     }
     drop(controller);
+}
+
+/// Requests per action between two cumulative snapshots.
+struct Delta {
+    actions: std::collections::BTreeMap<String, eni_testkit::faults::ActionStats>,
+    total: eni_testkit::faults::ActionStats,
+    mutating: u64,
+    describe: u64,
+}
+
+impl Delta {
+    fn total_requests(&self) -> u64 {
+        self.total.requests
+    }
+    fn mutating_requests(&self) -> u64 {
+        self.mutating
+    }
+    fn describe_requests(&self) -> u64 {
+        self.describe
+    }
+}
+
+fn since(before: &eni_testkit::faults::Stats, after: &eni_testkit::faults::Stats) -> Delta {
+    use eni_testkit::faults::ActionStats;
+    let sub = |a: &ActionStats, b: &ActionStats| ActionStats {
+        requests: a.requests - b.requests,
+        forwarded: a.forwarded - b.forwarded,
+        upstream_errors: a.upstream_errors - b.upstream_errors,
+        throttled: a.throttled - b.throttled,
+        rejected: a.rejected - b.rejected,
+        injected: a.injected - b.injected,
+        replayed: a.replayed - b.replayed,
+        errors: Default::default(),
+    };
+    let actions = after
+        .actions
+        .iter()
+        .map(|(k, v)| (k.clone(), sub(v, &before.action(k))))
+        .filter(|(_, v)| v.requests > 0)
+        .collect();
+    Delta {
+        actions,
+        total: sub(&after.total, &before.total),
+        mutating: after.mutating_requests() - before.mutating_requests(),
+        describe: after.describe_requests() - before.describe_requests(),
+    }
 }
