@@ -70,13 +70,18 @@ impl Inventory {
         changed
     }
 
-    /// Applies fresh descriptions of some ENIs (`ids` asked, `found` answered: asked but
-    /// not answered means deleted); returns the NodeENIs whose ENIs changed.
-    pub fn refresh(&mut self, ids: &[String], found: Vec<Eni>) -> BTreeSet<String> {
+    /// Applies fresh descriptions of some ENIs requested at `since` (`ids` asked, `found`
+    /// answered: asked but not answered means deleted); entries the controller changed
+    /// after `since` are newer than the answer and kept. Returns the NodeENIs whose ENIs
+    /// changed.
+    pub fn refresh(&mut self, ids: &[String], found: Vec<Eni>, since: Instant) -> BTreeSet<String> {
         let mut changed = BTreeSet::new();
         let mut found: HashMap<String, Eni> =
             found.into_iter().map(|e| (e.id.clone(), e)).collect();
         for id in ids {
+            if self.touched.get(id).is_some_and(|at| *at >= since) {
+                continue;
+            }
             match found.remove(id) {
                 Some(new) => {
                     if self.enis.get(id) != Some(&new) {

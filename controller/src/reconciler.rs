@@ -880,12 +880,13 @@ async fn run_removal<E: Ec2>(
 /// Describes one ENI again and records the answer.
 async fn refresh_eni<E: Ec2>(ctx: &Context<E>, eni_id: &str) {
     let ids = vec![eni_id.to_string()];
+    let asked = tokio::time::Instant::now();
     if let Ok(found) = ctx
         .ec2
         .describe_enis(crate::ec2::EniQuery::Ids(ids.clone()))
         .await
     {
-        lock(&ctx.inventory).refresh(&ids, found);
+        lock(&ctx.inventory).refresh(&ids, found, asked);
     }
 }
 

@@ -92,9 +92,10 @@ pub async fn poll_in_flight<E: Ec2>(
         if ids.is_empty() {
             continue;
         }
+        let asked = Instant::now();
         match ctx.ec2.describe_enis(EniQuery::Ids(ids.clone())).await {
             Ok(found) => {
-                let changed = lock(&ctx.inventory).refresh(&ids, found);
+                let changed = lock(&ctx.inventory).refresh(&ids, found, asked);
                 ctx.inventory_changed.notify_waiters();
                 trigger(&tx, changed);
             }
