@@ -941,14 +941,19 @@ async fn remove_finalizer(api: &Api<NodeENI>, obj: &NodeENI) -> Result<(), kube:
             "resourceVersion": obj.resource_version(),
         }
     });
-    match api
-        .patch(
+    ignore_gone(
+        api.patch(
             &obj.name_any(),
             &PatchParams::default(),
             &Patch::Merge(&patch),
         )
-        .await
-    {
+        .await,
+    )
+}
+
+/// A write to a NodeENI deleted meanwhile has nothing left to do.
+fn ignore_gone<T>(result: Result<T, kube::Error>) -> Result<(), kube::Error> {
+    match result {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
         Err(e) => Err(e),
@@ -977,19 +982,14 @@ async fn write_status<E: Ec2>(
         "securityGroupIDs": status.security_group_ids,
         "attachments": status.attachments,
     }});
-    match api
-        .patch_status(
+    ignore_gone(
+        api.patch_status(
             &obj.name_any(),
             &PatchParams::default(),
             &Patch::Merge(&patch),
         )
-        .await
-    {
-        Ok(_) => Ok(()),
-        // Deleted meanwhile: nothing to report on.
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-        Err(e) => Err(e),
-    }
+        .await,
+    )
 }
 
 fn build_status<E: Ec2>(
