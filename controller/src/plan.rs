@@ -189,8 +189,8 @@ impl Plan {
     }
 }
 
-/// The slot an ENI was created for, read from its tags (and its subnet).
-fn claims(eni: &Eni, slot: &Slot) -> bool {
+/// Whether an ENI was created for `slot`, read from its tags (and its subnet).
+pub fn claims(eni: &Eni, slot: &Slot) -> bool {
     eni.subnet_id == slot.subnet_id
         && eni.tags.get(tags::NODE) == Some(&slot.node)
         && eni.tags.get(tags::INSTANCE) == Some(&slot.instance_id)

@@ -478,19 +478,12 @@ fn current_plan<E: Ec2>(ctx: &Context<E>, nodeeni: &str, slots: &[(Slot, Setting
             sp
         } else {
             let candidates: Vec<&crate::ec2::Eni> =
-                enis.iter().filter(|e| claimed_by(e, slot)).collect();
+                enis.iter().filter(|e| plan::claims(e, slot)).collect();
             plan::plan_slot(slot, &candidates, settings, views.get(&slot.instance_id))
         };
         merged.slots.push((slot.clone(), sp));
     }
     merged
-}
-
-fn claimed_by(eni: &crate::ec2::Eni, slot: &Slot) -> bool {
-    eni.subnet_id == slot.subnet_id
-        && eni.tags.get(tags::NODE) == Some(&slot.node)
-        && eni.tags.get(tags::INSTANCE) == Some(&slot.instance_id)
-        && eni.tags.get(tags::DEVICE_INDEX) == Some(&slot.device_index.to_string())
 }
 
 /// Plans one slot against the current inventory (clones only the slot's own ENIs).
@@ -504,7 +497,7 @@ fn slot_plan<E: Ec2>(
     let candidates: Vec<crate::ec2::Eni> = inventory
         .all()
         .filter(|e| e.tags.get(tags::NODE_ENI).map(String::as_str) == Some(nodeeni))
-        .filter(|e| claimed_by(e, slot))
+        .filter(|e| plan::claims(e, slot))
         .cloned()
         .collect();
     let candidates: Vec<&crate::ec2::Eni> = candidates.iter().collect();
