@@ -40,6 +40,10 @@ pub struct FaultConfig {
     /// Report `detaching` (attachment still present, ENI `in-use`) in
     /// `DescribeNetworkInterfaces` for this long after a successful detach (0: off).
     pub detach_delay_ms: u64,
+    /// A graceful detach never completes: the attachment stays `detaching` until a
+    /// forced detach (`Force=true`) of it, which ends it at once. Real EC2 does this
+    /// when the instance's OS does not release the device.
+    pub hang_detaches: bool,
     /// Probability in [0, 1] that any EC2 request fails with HTTP 500 `InternalError`
     /// without being forwarded.
     pub error_rate: f64,
@@ -61,6 +65,7 @@ impl Default for FaultConfig {
             paginate_describes: true,
             attach_delay_ms: 0,
             detach_delay_ms: 0,
+            hang_detaches: false,
             error_rate: 0.0,
             rules: Vec::new(),
         }

@@ -8,7 +8,8 @@
 //! * `InvalidNetworkInterface.InUse` when deleting an attached ENI;
 //! * `ClientToken` idempotency of `CreateNetworkInterface`;
 //! * sticky `Attachment.DeleteOnTermination` (rewritten into describe responses);
-//! * optional `attaching` / `detaching` windows;
+//! * optional `attaching` / `detaching` windows, and hung detaches that only a forced
+//!   detach ends;
 //! * injected 5xx (`error_rate`) and per-action [`FailureRule`]s;
 //! * counters ([`Stats`]) and run-time control over HTTP:
 //!   `GET /_faults/stats`, `GET|POST /_faults/config` (JSON merge patch of
@@ -250,6 +251,7 @@ struct TokenEntry {
 /// An attachment reported as `detaching` after moto dropped it.
 #[derive(Debug, Clone)]
 struct Detaching {
+    attachment_id: String,
     instance_id: String,
     device_index: String,
     network_card_index: String,
@@ -1069,8 +1071,27 @@ impl Call<'_> {
         let Some(attachment_id) = self.params.get("AttachmentId") else {
             return self.plain().await;
         };
+        let forced = self.params.get("Force") == Some("true");
+        if forced {
+            // A forced detach ends a hung (or slow) detach at once. moto dropped the
+            // attachment already; answer for it.
+            let mut state = lock(&self.shared.state);
+            let before = state.detaching.len();
+            state
+                .detaching
+                .retain(|_, d| d.attachment_id != attachment_id);
+            if state.detaching.len() != before {
+                return Ok(Answer::Replay(
+                    StatusCode::OK,
+                    Bytes::from_static(
+                        b"<DetachNetworkInterfaceResponse xmlns=\"http://ec2.amazonaws.com/doc/2016-11-15/\"><requestId>fault-layer</requestId><return>true</return></DetachNetworkInterfaceResponse>",
+                    ),
+                ));
+            }
+        }
+        let hang = self.config.hang_detaches && !forced;
         let mut captured = None;
-        if self.config.detach_delay_ms > 0
+        if (self.config.detach_delay_ms > 0 || hang)
             && let Ok(root) = self
                 .shared
                 .query(
@@ -1093,7 +1114,13 @@ impl Call<'_> {
             state.delete_on_termination.remove(attachment_id);
             state.attaching.remove(attachment_id);
             if let Some((eni, mut d)) = captured {
-                d.until = Instant::now() + Duration::from_millis(self.config.detach_delay_ms);
+                let window = if hang {
+                    // Hung: only a forced detach ends it.
+                    Duration::from_secs(24 * 3600)
+                } else {
+                    Duration::from_millis(self.config.detach_delay_ms)
+                };
+                d.until = Instant::now() + window;
                 state.detaching.insert(eni, d);
             }
         }
@@ -1232,6 +1259,7 @@ fn capture_detaching(
             return Some((
                 eni,
                 Detaching {
+                    attachment_id: attachment_id.to_string(),
                     instance_id: text("instanceId"),
                     device_index: text("deviceIndex"),
                     network_card_index: att
