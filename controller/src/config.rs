@@ -49,6 +49,12 @@ pub struct ControllerArgs {
     #[arg(long, env = "CLUSTER_NAME", default_value = "")]
     pub cluster_name: String,
 
+    /// Identity of this cluster, tagged on every ENI beside the name so two clusters
+    /// with the same --cluster-name in one account never touch each other's ENIs.
+    /// Default: the UID of the kube-system namespace (needs `get` on it).
+    #[arg(long, env = "CLUSTER_ID")]
+    pub cluster_id: Option<String>,
+
     /// AWS Region (else the SDK's default chain: AWS_REGION, profile, IMDS).
     #[arg(long, env = "AWS_REGION")]
     pub aws_region: Option<String>,
@@ -134,6 +140,20 @@ pub struct ControllerArgs {
     )]
     pub leader_election_id: String,
 
+    /// How long a standby waits, after it last saw the leader renew, before taking the
+    /// Lease over.
+    #[arg(long, env = "LEADER_ELECTION_LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub leader_election_lease_duration: Duration,
+
+    /// How long after sending its last successful renewal the leader may still start
+    /// EC2 writes; must be shorter than the lease duration.
+    #[arg(long, env = "LEADER_ELECTION_RENEW_DEADLINE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub leader_election_renew_deadline: Duration,
+
+    /// How often the leader renews the Lease and a standby looks at it.
+    #[arg(long, env = "LEADER_ELECTION_RETRY_PERIOD", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub leader_election_retry_period: Duration,
+
     /// Identity of this replica (Lease holder and event reporter).
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
@@ -171,6 +191,13 @@ impl ControllerArgs {
         }
         if self.max_concurrent_reconciles == 0 {
             return Err("--max-concurrent-reconciles must be at least 1".into());
+        }
+        if self.leader_election_renew_deadline >= self.leader_election_lease_duration
+            || self.leader_election_retry_period >= self.leader_election_renew_deadline
+        {
+            return Err(
+                "leader election needs retry period < renew deadline < lease duration".into(),
+            );
         }
         Ok(())
     }

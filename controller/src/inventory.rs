@@ -21,7 +21,9 @@ use eni_api::tags;
 #[derive(Debug, Default)]
 pub struct Inventory {
     enis: HashMap<String, Eni>,
-    /// When a detach was requested, per ENI (for the detachment timeout).
+    /// When each ENI was first seen `detaching`, whoever sent the detach (this process,
+    /// a replica that lost the lease, a person): the detachment timeout runs from there,
+    /// so a restarted controller forces a hung detach too.
     detaching_since: HashMap<String, Instant>,
     /// When the controller last changed each ENI itself; a full listing that started
     /// earlier does not know of that change and must not undo it.
@@ -65,8 +67,13 @@ impl Inventory {
                 changed.extend(owner(new));
             }
         }
-        self.detaching_since.retain(|id, _| fresh.contains_key(id));
         std::mem::swap(&mut self.enis, &mut fresh);
+        let ids: Vec<String> = self.enis.keys().cloned().collect();
+        self.detaching_since
+            .retain(|id, _| self.enis.contains_key(id));
+        for id in ids {
+            self.track_detaching(&id);
+        }
         changed
     }
 
@@ -101,15 +108,27 @@ impl Inventory {
 
     /// Records an ENI as the controller now knows it.
     pub fn upsert(&mut self, eni: Eni) {
-        self.touched.insert(eni.id.clone(), Instant::now());
-        let detaching = eni
-            .attachment
-            .as_ref()
+        let id = eni.id.clone();
+        self.touched.insert(id.clone(), Instant::now());
+        self.enis.insert(id.clone(), eni);
+        self.track_detaching(&id);
+    }
+
+    /// Starts the detachment timer of an ENI seen `detaching` (if not running yet) and
+    /// stops it for an ENI that is not.
+    fn track_detaching(&mut self, id: &str) {
+        let detaching = self
+            .enis
+            .get(id)
+            .and_then(|e| e.attachment.as_ref())
             .is_some_and(|a| a.state == AttachmentState::Detaching);
-        if !detaching {
-            self.detaching_since.remove(&eni.id);
+        if detaching {
+            self.detaching_since
+                .entry(id.to_string())
+                .or_insert_with(Instant::now);
+        } else {
+            self.detaching_since.remove(id);
         }
-        self.enis.insert(eni.id.clone(), eni);
     }
 
     /// Forgets a deleted ENI.
@@ -129,15 +148,7 @@ impl Inventory {
         if let Some(eni) = self.enis.get_mut(id) {
             f(eni);
             self.touched.insert(id.to_string(), Instant::now());
-            let detaching = eni
-                .attachment
-                .as_ref()
-                .is_some_and(|a| a.state == AttachmentState::Detaching);
-            if detaching {
-                self.detaching_since
-                    .entry(id.to_string())
-                    .or_insert_with(Instant::now);
-            }
+            self.track_detaching(id);
         }
     }
 
@@ -168,6 +179,8 @@ impl Inventory {
                     eni_id: e.id.clone(),
                     device_index: a.device_index,
                     network_card_index: a.network_card_index,
+                    description: e.description.clone(),
+                    nodeeni: owner(e),
                 })
             })
             .collect()
@@ -222,6 +235,10 @@ pub fn owner(eni: &Eni) -> Option<String> {
 #[derive(Debug, Default)]
 pub struct Instances {
     instances: Mutex<HashMap<String, Instance>>,
+    /// Instances whose view is known to be out of date (a slot on them is blocked by
+    /// someone else's ENI, or an attach failed): described again by the next
+    /// [`ensure`](Self::ensure), while the old view still answers until then.
+    stale: Mutex<BTreeSet<String>>,
     limits: Mutex<HashMap<String, InstanceLimits>>,
     /// Serializes fetches so concurrent reconciles share one batched describe.
     fetching: tokio::sync::Mutex<()>,
@@ -234,9 +251,10 @@ impl Instances {
         let _guard = self.fetching.lock().await;
         let missing: Vec<String> = {
             let known = lock(&self.instances);
+            let stale = lock(&self.stale);
             let mut m: Vec<String> = ids
                 .iter()
-                .filter(|id| !known.contains_key(*id))
+                .filter(|id| !known.contains_key(*id) || stale.contains(*id))
                 .cloned()
                 .collect();
             m.sort();
@@ -244,10 +262,18 @@ impl Instances {
             m
         };
         if !missing.is_empty() {
-            let found = ec2.describe_instances(missing).await?;
+            let found = ec2.describe_instances(missing.clone()).await?;
             let mut known = lock(&self.instances);
+            for id in &missing {
+                // Gone from EC2 (terminated long ago): forget it.
+                known.remove(id);
+            }
             for i in found {
                 known.insert(i.id.clone(), i);
+            }
+            let mut stale = lock(&self.stale);
+            for id in &missing {
+                stale.remove(id);
             }
         }
         let types: Vec<String> = {
@@ -298,20 +324,31 @@ impl Instances {
         Some(per_card.unwrap_or(l.max_enis))
     }
 
-    /// Forgets an instance, so the next [`ensure`](Self::ensure) describes it again
-    /// (after EC2 reported a device-index conflict the cache did not know of).
+    /// Marks an instance's view out of date, so the next [`ensure`](Self::ensure)
+    /// describes it again (EC2 reported a conflict the view did not know of, or a slot
+    /// on it is blocked by someone else's ENI and must be re-checked).
     pub fn invalidate(&self, id: &str) {
-        lock(&self.instances).remove(id);
+        lock(&self.stale).insert(id.to_string());
     }
 
-    /// Forgets instances not in `keep` (their Nodes are gone).
+    /// Forgets every instance not in `keep` (the instances of the Nodes that exist), so
+    /// the map does not grow with every instance ever seen.
     pub fn retain(&self, keep: &BTreeSet<String>) {
         lock(&self.instances).retain(|id, _| keep.contains(id));
+        lock(&self.stale).retain(|id| keep.contains(id));
+    }
+
+    /// How many instances are known (for tests and metrics).
+    pub fn len(&self) -> usize {
+        lock(&self.instances).len()
+    }
+
+    /// Whether no instance is known.
+    pub fn is_empty(&self) -> bool {
+        lock(&self.instances).is_empty()
     }
 }
 
-/// Attachments of an instance: what EC2 said at describe time, merged with what the
-/// controller did since.
 pub fn merged_attachments(instance: &Instance, inventory: &Inventory) -> Vec<AttachedEni> {
     let ours = inventory.attached_to(&instance.id);
     let mut by_id: BTreeMap<String, AttachedEni> = instance
@@ -325,4 +362,75 @@ pub fn merged_attachments(instance: &Instance, inventory: &Inventory) -> Vec<Att
         by_id.insert(a.eni_id.clone(), a);
     }
     by_id.into_values().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ec2::Attachment;
+
+    fn eni(id: &str, state: Option<AttachmentState>) -> Eni {
+        Eni {
+            id: id.into(),
+            subnet_id: "subnet-a".into(),
+            mac_address: None,
+            private_ip: None,
+            status: "in-use".into(),
+            security_groups: Vec::new(),
+            description: String::new(),
+            tags: BTreeMap::from([(tags::NODE_ENI.to_string(), "ne".to_string())]),
+            attachment: state.map(|state| Attachment {
+                id: format!("attach-{id}"),
+                instance_id: "i-1".into(),
+                device_index: 2,
+                network_card_index: 0,
+                state,
+                delete_on_termination: true,
+            }),
+        }
+    }
+
+    /// A detach sent by someone else (another replica, before a restart) is timed from
+    /// when this process first sees it, so it is forced after the timeout.
+    #[tokio::test(start_paused = true)]
+    async fn detach_seen_in_a_listing_is_timed_and_forced() {
+        let timeout = Duration::from_secs(15);
+        let mut inv = Inventory::default();
+        let asked = Instant::now();
+        inv.replace_all(vec![eni("eni-1", Some(AttachmentState::Detaching))], asked);
+        assert!(inv.stuck_detaching(timeout).is_empty());
+        tokio::time::advance(timeout).await;
+        // A later listing that still says detaching does not restart the timer.
+        inv.replace_all(
+            vec![eni("eni-1", Some(AttachmentState::Detaching))],
+            Instant::now(),
+        );
+        assert_eq!(
+            inv.stuck_detaching(timeout),
+            BTreeSet::from(["eni-1".to_string()])
+        );
+        // Detached at last: the timer stops.
+        inv.replace_all(vec![eni("eni-1", None)], Instant::now());
+        assert!(inv.stuck_detaching(timeout).is_empty());
+    }
+
+    /// The in-flight poller's answer starts the timer too.
+    #[tokio::test(start_paused = true)]
+    async fn detach_seen_by_the_poller_is_timed() {
+        let timeout = Duration::from_secs(15);
+        let mut inv = Inventory::default();
+        inv.replace_all(
+            vec![eni("eni-1", Some(AttachmentState::Attached))],
+            Instant::now(),
+        );
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let ids = vec!["eni-1".to_string()];
+        inv.refresh(
+            &ids,
+            vec![eni("eni-1", Some(AttachmentState::Detaching))],
+            Instant::now(),
+        );
+        tokio::time::advance(timeout).await;
+        assert_eq!(inv.stuck_detaching(timeout).len(), 1);
+    }
 }

@@ -12,6 +12,7 @@
 pub mod config;
 pub mod ec2;
 pub mod inventory;
+pub mod lease;
 pub mod metrics;
 pub mod plan;
 pub mod ratelimit;
@@ -41,6 +42,7 @@ use crate::config::ControllerArgs;
 use crate::ec2::Ec2;
 use crate::ec2::aws::AwsEc2;
 use crate::inventory::{Instances, Inventory};
+use crate::lease::{Elector, Fence, LeaseTimings};
 use crate::metrics::Metrics;
 use crate::ratelimit::{Bucket, Limits, RateLimiter};
 use crate::reconciler::{Context, ReconcilerConfig};
@@ -66,12 +68,10 @@ pub enum Error {
         /// Cause.
         source: std::io::Error,
     },
-    /// Leader election failed.
+    /// Leader election failed, or this replica lost the Lease (it exits so a fresh
+    /// replica can stand by).
     #[error("leader election: {0}")]
-    Lease(#[from] kube_lease_manager::LeaseManagerError),
-    /// This replica lost the leader lease.
-    #[error("lost the leader lease; exiting so a fresh replica can take over")]
-    LostLease,
+    Lease(#[from] lease::LeaseError),
 }
 
 /// Runs the controller until the process is told to stop.
@@ -92,14 +92,51 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
         .pod_name
         .clone()
         .unwrap_or_else(|| format!("eni-controller-{}", std::process::id()));
-    let _lease = if args.leader_elect {
-        Some(acquire_leadership(&client, &args, &identity, &metrics, &ready).await?)
+    let fence = if args.leader_elect {
+        Fence::closed()
+    } else {
+        Fence::open()
+    };
+    let elector = if args.leader_elect {
+        let elector = Elector::new(
+            client.clone(),
+            &args.leader_election_namespace,
+            &args.leader_election_id,
+            &identity,
+            LeaseTimings {
+                lease_duration: args.leader_election_lease_duration,
+                renew_deadline: args.leader_election_renew_deadline,
+                retry_period: args.leader_election_retry_period,
+            },
+            fence.clone(),
+        );
+        // A standby replica is healthy and ready: it serves probes and metrics while
+        // waiting.
+        ready.store(true, Ordering::SeqCst);
+        info!(lease = %args.leader_election_id, %identity, "waiting for leadership");
+        elector.acquire().await?;
+        info!(%identity, "became leader");
+        metrics.leader.set(1);
+        Some(elector)
     } else {
         None
     };
 
-    let ec2 = aws_ec2(&args, metrics.clone()).await;
-    run_with(client, ec2, args, metrics, ready, identity).await
+    let ec2 = aws_ec2(&args, metrics.clone()).await.with_fence(fence);
+    let held = async {
+        match &elector {
+            Some(e) => e.hold().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        result = run_with(client, ec2, args, metrics.clone(), ready, identity) => result,
+        lost = held => {
+            metrics.leader.set(0);
+            error!(error = %lost, "stopping: leadership lost");
+            Err(lost.into())
+        }
+    }
 }
 
 /// Builds the AWS SDK EC2 adapter from the flags.
@@ -136,49 +173,6 @@ pub fn rate_limiter(args: &ControllerArgs) -> RateLimiter {
     })
 }
 
-/// Waits until this replica holds the Lease; a background task exits the process
-/// (through the returned handle's channel) if the lease is lost later.
-async fn acquire_leadership(
-    client: &Client,
-    args: &ControllerArgs,
-    identity: &str,
-    metrics: &Metrics,
-    ready: &Arc<AtomicBool>,
-) -> Result<tokio::task::JoinHandle<()>, Error> {
-    let manager = kube_lease_manager::LeaseManagerBuilder::new(
-        client.clone(),
-        args.leader_election_id.clone(),
-    )
-    .with_namespace(args.leader_election_namespace.clone())
-    .with_identity(identity.to_string())
-    .with_duration(15)
-    .with_grace(5)
-    .build()
-    .await?;
-    let (mut leader, task) = manager.watch().await;
-    // A standby replica is healthy and ready: it serves probes and metrics while waiting.
-    ready.store(true, Ordering::SeqCst);
-    info!(lease = %args.leader_election_id, %identity, "waiting for leadership");
-    while !*leader.borrow_and_update() {
-        if leader.changed().await.is_err() {
-            return match task.await {
-                Ok(Err(e)) => Err(e.into()),
-                _ => Err(Error::LostLease),
-            };
-        }
-    }
-    info!(%identity, "became leader");
-    metrics.leader.set(1);
-    Ok(tokio::spawn(async move {
-        loop {
-            if leader.changed().await.is_err() || !*leader.borrow_and_update() {
-                error!("{}", Error::LostLease);
-                std::process::exit(1);
-            }
-        }
-    }))
-}
-
 /// Runs the controller with a given EC2 implementation (tests pass a mock or moto).
 pub async fn run_with<E: Ec2>(
     client: Client,
@@ -188,15 +182,15 @@ pub async fn run_with<E: Ec2>(
     ready: Arc<AtomicBool>,
     identity: String,
 ) -> Result<(), Error> {
+    let cluster_id = match &args.cluster_id {
+        Some(id) => id.clone(),
+        None => cluster_identity(&client).await?,
+    };
+    info!(cluster = %args.cluster_name, %cluster_id, "cluster identity");
     // Adopt what exists before acting: everything tagged with this cluster.
     let inventory = Arc::new(Mutex::new(Inventory::default()));
     let started = tokio::time::Instant::now();
-    let existing = ec2
-        .describe_enis(ec2::EniQuery::Tag(
-            eni_api::tags::CLUSTER.to_string(),
-            args.cluster_name.clone(),
-        ))
-        .await?;
+    let existing = tasks::load_owned(&ec2, &args.cluster_name, &cluster_id).await?;
     info!(enis = existing.len(), "loaded managed ENIs");
     inventory::lock(&inventory).replace_all(existing, started);
 
@@ -222,6 +216,7 @@ pub async fn run_with<E: Ec2>(
         ec2,
         config: ReconcilerConfig {
             cluster_name: args.cluster_name.clone(),
+            cluster_id,
             resync_period: args.resync_period,
             detach_timeout: args.detachment_timeout,
             parallel_operations: args.max_concurrent_eni_operations,
@@ -236,6 +231,7 @@ pub async fn run_with<E: Ec2>(
         metrics,
         in_flight: in_flight.clone(),
         inventory_changed: Arc::new(Notify::new()),
+        failures: Default::default(),
     });
 
     let (trigger_tx, trigger_rx) = mpsc::unbounded_channel::<ObjectRef<NodeENI>>();
@@ -299,6 +295,19 @@ pub async fn run_with<E: Ec2>(
         .await;
     info!("controller stopped");
     Ok(())
+}
+
+/// The UID of the `kube-system` namespace: created with the cluster, never reused.
+pub async fn cluster_identity(client: &Client) -> Result<String, Error> {
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    let ns = namespaces.get("kube-system").await.map_err(|e| {
+        Error::Config(format!(
+            "cannot read the kube-system namespace for the cluster identity ({e}): grant `get` on it or set --cluster-id"
+        ))
+    })?;
+    ns.metadata
+        .uid
+        .ok_or_else(|| Error::Config("the kube-system namespace has no UID".into()))
 }
 
 fn tokio_stream_from<T: Send + 'static>(

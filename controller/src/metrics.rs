@@ -196,7 +196,7 @@ impl Metrics {
     }
 }
 
-const ERROR_RESULTS: [&str; 10] = [
+const ERROR_RESULTS: [&str; 12] = [
     "not_found",
     "in_use",
     "device_index_in_use",
@@ -205,6 +205,8 @@ const ERROR_RESULTS: [&str; 10] = [
     "throttled",
     "unauthorized",
     "invalid_parameter",
+    "token_mismatch",
+    "not_leader",
     "transient",
     "other",
 ];

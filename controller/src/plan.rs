@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use eni_api::{AttachmentStatus, tags};
 
-use crate::ec2::{AttachedEni, AttachmentState, Eni};
+use crate::ec2::{AttachedEni, AttachmentState, Eni, Holder};
 
 /// One ENI the spec asks for: a (Node, subnet) pair at a device index.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -119,6 +119,8 @@ pub enum Blocked {
     DeviceIndexInUse {
         /// The occupant.
         eni_id: String,
+        /// Who holds it.
+        holder: Holder,
     },
     /// The instance cannot take another ENI.
     InstanceLimit {
@@ -163,6 +165,36 @@ pub struct Plan {
     /// ENIs that serve no slot (node unselected or gone, subnet dropped, duplicates), with
     /// their next removal step.
     pub removals: Vec<(String, Step)>,
+    /// ENIs serving no slot this pass that are kept as they are ([`Held`]).
+    pub held: Vec<String>,
+}
+
+/// ENIs that must be neither removed nor changed although no slot claims them: those on
+/// a draining Node (deletionTimestamp set, pods still running) and those at an index
+/// whose subnet or security groups could not be resolved this pass (whether they are
+/// still wanted is unknown).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Held {
+    /// Every ENI of these Nodes.
+    pub nodes: BTreeSet<String>,
+    /// ENIs at these (Node, device index) pairs.
+    pub indexes: BTreeSet<(String, i32)>,
+}
+
+impl Held {
+    /// Whether `eni` is held, read from its tags.
+    pub fn holds(&self, eni: &Eni) -> bool {
+        let Some(node) = eni.tags.get(tags::NODE) else {
+            return false;
+        };
+        if self.nodes.contains(node) {
+            return true;
+        }
+        eni.tags
+            .get(tags::DEVICE_INDEX)
+            .and_then(|i| i.parse::<i32>().ok())
+            .is_some_and(|i| self.indexes.contains(&(node.clone(), i)))
+    }
 }
 
 impl Plan {
@@ -214,13 +246,14 @@ fn rank(eni: &Eni, slot: &Slot) -> u8 {
 
 /// Plans a NodeENI: `slots` are what the spec wants, `enis` every ENI owned by this
 /// NodeENI, `instances` what is known of each slot's instance, `stuck` ENIs whose
-/// detach has taken longer than the detachment timeout.
+/// detach has taken longer than the detachment timeout, `held` ENIs to leave alone.
 pub fn plan(
     slots: &[Slot],
     enis: &[Eni],
     settings: &Settings,
     instances: &BTreeMap<String, InstanceView>,
     stuck: &BTreeSet<String>,
+    held: &Held,
 ) -> Plan {
     let mut used: BTreeSet<&str> = BTreeSet::new();
     let mut plan = Plan::default();
@@ -242,8 +275,12 @@ pub fn plan(
         plan.slots.push((slot.clone(), sp));
     }
     for eni in enis.iter().filter(|e| !used.contains(e.id.as_str())) {
-        plan.removals
-            .push((eni.id.clone(), plan_removal(eni, stuck.contains(&eni.id))));
+        if held.holds(eni) {
+            plan.held.push(eni.id.clone());
+        } else {
+            plan.removals
+                .push((eni.id.clone(), plan_removal(eni, stuck.contains(&eni.id))));
+        }
     }
     plan
 }
@@ -359,6 +396,7 @@ fn admission(slot: &Slot, own: Option<&str>, instance: Option<&InstanceView>) ->
     }) {
         return Some(Blocked::DeviceIndexInUse {
             eni_id: occupant.eni_id.clone(),
+            holder: occupant.holder(),
         });
     }
     let max = instance.max_enis?;
@@ -391,6 +429,16 @@ pub fn plan_removal(eni: &Eni, stuck: bool) -> Step {
         None => Step::Act(Action::Delete {
             eni_id: eni.id.clone(),
         }),
+    }
+}
+
+/// Status to report for a held ENI: what EC2 says of it.
+pub fn observed_status(eni: &Eni) -> AttachmentStatus {
+    match eni.attachment.as_ref().map(|a| a.state) {
+        Some(AttachmentState::Attached) => AttachmentStatus::Attached,
+        Some(AttachmentState::Attaching) => AttachmentStatus::Attaching,
+        Some(_) => AttachmentStatus::Detaching,
+        None => AttachmentStatus::Attaching,
     }
 }
 
@@ -468,6 +516,7 @@ mod tests {
             &settings(),
             &none(),
             &BTreeSet::new(),
+            &Held::default(),
         );
         assert_eq!(p.slots[0].1.step, Step::Act(Action::Create));
         assert_eq!(p.slots[0].1.status, AttachmentStatus::Creating);
@@ -484,6 +533,7 @@ mod tests {
             &settings(),
             &none(),
             &BTreeSet::new(),
+            &Held::default(),
         );
         assert_eq!(
             p.slots[0].1.step,
@@ -498,10 +548,18 @@ mod tests {
             &settings(),
             &none(),
             &BTreeSet::new(),
+            &Held::default(),
         );
         assert_eq!(p.slots[0].1.step, Step::Wait);
         let e = eni("eni-1", &s, Some(AttachmentState::Attached));
-        let p = plan(&[s], &[e], &settings(), &none(), &BTreeSet::new());
+        let p = plan(
+            &[s],
+            &[e],
+            &settings(),
+            &none(),
+            &BTreeSet::new(),
+            &Held::default(),
+        );
         assert_eq!(p.slots[0].1.step, Step::Done);
         assert!(p.converged());
     }
@@ -519,6 +577,7 @@ mod tests {
             &settings(),
             &none(),
             &BTreeSet::new(),
+            &Held::default(),
         );
         assert_eq!(
             p.slots[0].1.step,
@@ -538,6 +597,7 @@ mod tests {
             &settings(),
             &none(),
             &BTreeSet::new(),
+            &Held::default(),
         );
         assert_eq!(
             p.slots[0].1.step,
@@ -548,7 +608,14 @@ mod tests {
         );
         e.security_groups = vec!["sg-1".into()];
         e.description = "old".into();
-        let p = plan(&[s], &[e], &settings(), &none(), &BTreeSet::new());
+        let p = plan(
+            &[s],
+            &[e],
+            &settings(),
+            &none(),
+            &BTreeSet::new(),
+            &Held::default(),
+        );
         assert!(matches!(
             p.slots[0].1.step,
             Step::Act(Action::SetDescription { .. })
@@ -559,7 +626,14 @@ mod tests {
     fn unwanted_enis_are_detached_then_deleted() {
         let s = slot("n1", "subnet-a", 1);
         let attached = eni("eni-1", &s, Some(AttachmentState::Attached));
-        let p = plan(&[], &[attached], &settings(), &none(), &BTreeSet::new());
+        let p = plan(
+            &[],
+            &[attached],
+            &settings(),
+            &none(),
+            &BTreeSet::new(),
+            &Held::default(),
+        );
         assert_eq!(
             p.removals,
             vec![(
@@ -578,16 +652,31 @@ mod tests {
             &settings(),
             &none(),
             &BTreeSet::new(),
+            &Held::default(),
         );
         assert_eq!(p.removals[0].1, Step::Wait);
         let stuck = BTreeSet::from(["eni-1".to_string()]);
-        let p = plan(&[], &[detaching], &settings(), &none(), &stuck);
+        let p = plan(
+            &[],
+            &[detaching],
+            &settings(),
+            &none(),
+            &stuck,
+            &Held::default(),
+        );
         assert!(matches!(
             p.removals[0].1,
             Step::Act(Action::Detach { force: true, .. })
         ));
         let available = eni("eni-1", &s, None);
-        let p = plan(&[], &[available], &settings(), &none(), &BTreeSet::new());
+        let p = plan(
+            &[],
+            &[available],
+            &settings(),
+            &none(),
+            &BTreeSet::new(),
+            &Held::default(),
+        );
         assert_eq!(
             p.removals[0].1,
             Step::Act(Action::Delete {
@@ -601,7 +690,14 @@ mod tests {
         let old = slot("n1", "subnet-a", 1);
         let new = slot("n1", "subnet-a", 2);
         let e = eni("eni-1", &old, Some(AttachmentState::Attached));
-        let p = plan(&[new], &[e], &settings(), &none(), &BTreeSet::new());
+        let p = plan(
+            &[new],
+            &[e],
+            &settings(),
+            &none(),
+            &BTreeSet::new(),
+            &Held::default(),
+        );
         assert_eq!(p.slots[0].1.step, Step::Act(Action::Create));
         assert!(matches!(p.removals[0].1, Step::Act(Action::Detach { .. })));
     }
@@ -611,7 +707,14 @@ mod tests {
         let s = slot("n1", "subnet-a", 1);
         let a = eni("eni-b", &s, Some(AttachmentState::Attached));
         let b = eni("eni-a", &s, None);
-        let p = plan(&[s], &[a, b], &settings(), &none(), &BTreeSet::new());
+        let p = plan(
+            &[s],
+            &[a, b],
+            &settings(),
+            &none(),
+            &BTreeSet::new(),
+            &Held::default(),
+        );
         assert_eq!(p.slots[0].1.eni_id.as_deref(), Some("eni-b"));
         assert_eq!(p.slots[0].1.duplicates, vec!["eni-a".to_string()]);
         assert_eq!(
@@ -637,21 +740,33 @@ mod tests {
                         eni_id: "eni-primary".into(),
                         device_index: 0,
                         network_card_index: 0,
+                        description: String::new(),
+                        nodeeni: None,
                     },
                     AttachedEni {
                         eni_id: "eni-other".into(),
                         device_index: 1,
                         network_card_index: 0,
+                        description: String::new(),
+                        nodeeni: None,
                     },
                 ],
                 max_enis: Some(3),
             },
         )]);
-        let p = plan(&[s], &[], &settings(), &instances, &BTreeSet::new());
+        let p = plan(
+            &[s],
+            &[],
+            &settings(),
+            &instances,
+            &BTreeSet::new(),
+            &Held::default(),
+        );
         assert_eq!(
             p.slots[0].1.step,
             Step::Blocked(Blocked::DeviceIndexInUse {
-                eni_id: "eni-other".into()
+                eni_id: "eni-other".into(),
+                holder: Holder::Unknown,
             })
         );
         assert_eq!(p.slots[0].1.status, AttachmentStatus::Failed);
@@ -669,17 +784,28 @@ mod tests {
                         eni_id: "eni-primary".into(),
                         device_index: 0,
                         network_card_index: 0,
+                        description: String::new(),
+                        nodeeni: None,
                     },
                     AttachedEni {
                         eni_id: "eni-x".into(),
                         device_index: 1,
                         network_card_index: 0,
+                        description: String::new(),
+                        nodeeni: None,
                     },
                 ],
                 max_enis: Some(2),
             },
         )]);
-        let p = plan(&[s], &[], &settings(), &instances, &BTreeSet::new());
+        let p = plan(
+            &[s],
+            &[],
+            &settings(),
+            &instances,
+            &BTreeSet::new(),
+            &Held::default(),
+        );
         assert_eq!(
             p.slots[0].1.step,
             Step::Blocked(Blocked::InstanceLimit {
@@ -701,15 +827,57 @@ mod tests {
                     eni_id: "eni-1".into(),
                     device_index: 1,
                     network_card_index: 0,
+                    description: String::new(),
+                    nodeeni: None,
                 }],
                 max_enis: Some(3),
             },
         )]);
-        let p = plan(&[s], &[e], &settings(), &instances, &BTreeSet::new());
+        let p = plan(
+            &[s],
+            &[e],
+            &settings(),
+            &instances,
+            &BTreeSet::new(),
+            &Held::default(),
+        );
         assert!(matches!(
             p.slots[0].1.step,
             Step::Act(Action::Attach { .. })
         ));
+    }
+
+    #[test]
+    fn held_enis_are_neither_removed_nor_replaced() {
+        let s = slot("n1", "subnet-a", 2);
+        let e = eni("eni-1", &s, Some(AttachmentState::Attached));
+        // Its subnet could not be resolved this pass: no slot, but the ENI stays.
+        let held = Held {
+            nodes: BTreeSet::new(),
+            indexes: BTreeSet::from([("n1".to_string(), 2)]),
+        };
+        let p = plan(
+            &[],
+            std::slice::from_ref(&e),
+            &settings(),
+            &none(),
+            &BTreeSet::new(),
+            &held,
+        );
+        assert!(p.removals.is_empty());
+        assert_eq!(p.held, vec!["eni-1".to_string()]);
+        // Another index of the same node is not held.
+        let other = slot("n1", "subnet-a", 3);
+        let e3 = eni("eni-3", &other, Some(AttachmentState::Attached));
+        let p = plan(&[], &[e3], &settings(), &none(), &BTreeSet::new(), &held);
+        assert_eq!(p.removals.len(), 1);
+        // A draining node holds all its ENIs.
+        let held = Held {
+            nodes: BTreeSet::from(["n1".to_string()]),
+            indexes: BTreeSet::new(),
+        };
+        let p = plan(&[], &[e], &settings(), &none(), &BTreeSet::new(), &held);
+        assert!(p.removals.is_empty());
     }
 
     #[test]
@@ -719,7 +887,14 @@ mod tests {
         if let Some(a) = e.attachment.as_mut() {
             a.instance_id = "i-other".into();
         }
-        let p = plan(&[s], &[e], &settings(), &none(), &BTreeSet::new());
+        let p = plan(
+            &[s],
+            &[e],
+            &settings(),
+            &none(),
+            &BTreeSet::new(),
+            &Held::default(),
+        );
         assert!(matches!(
             p.slots[0].1.step,
             Step::Act(Action::Detach { .. })

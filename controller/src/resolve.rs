@@ -14,7 +14,7 @@ use crate::ec2::{Ec2, Ec2Error, ErrorKind, LookupQuery, SecurityGroup, Subnet};
 use crate::inventory::lock;
 
 /// Why a NodeENI's subnets or security groups could not be resolved.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum ResolveError {
     /// Subnets that do not exist.
     #[error("subnet(s) not found: {}", .0.join(", "))]
@@ -30,6 +30,16 @@ pub enum ResolveError {
         ids: Vec<String>,
     },
     /// Security groups that do not exist.
+    /// A subnet given by ID is in another VPC than the Node.
+    #[error("subnet {subnet} is in {subnet_vpc}, not in the node's VPC {vpc}")]
+    SubnetInOtherVpc {
+        /// The subnet.
+        subnet: String,
+        /// Its VPC.
+        subnet_vpc: String,
+        /// The Node's VPC.
+        vpc: String,
+    },
     #[error("security group(s) not found: {}", .0.join(", "))]
     SecurityGroupNotFound(Vec<String>),
     /// A security group name (tag) that matches several groups.
@@ -54,6 +64,7 @@ impl ResolveError {
         match self {
             Self::SubnetNotFound(_) => SUBNET_NOT_FOUND,
             Self::SubnetAmbiguous { .. } => SUBNET_AMBIGUOUS,
+            Self::SubnetInOtherVpc { .. } => SUBNET_IN_OTHER_VPC,
             Self::SecurityGroupNotFound(_) | Self::SecurityGroupAmbiguous { .. } => {
                 SECURITY_GROUP_NOT_FOUND
             }
@@ -93,15 +104,58 @@ impl Resolver {
         }
     }
 
-    /// Resolves subnet IDs and names (names within `vpc`) to subnets, in order:
-    /// IDs first, then names, duplicates dropped.
-    pub async fn subnets<E: Ec2>(
+    /// Resolves the spec's subnets in order, one answer per entry: `ids` first, then
+    /// `names` (by `Name` tag within `vpc`). Each entry fails on its own, so one bad name
+    /// holds back only the ENIs that need it. A subnet given by ID must be in `vpc`.
+    pub async fn subnet_list<E: Ec2>(
         &self,
         ec2: &E,
         ids: &[String],
         names: &[String],
         vpc: &str,
-    ) -> Result<Vec<Subnet>, ResolveError> {
+    ) -> Vec<Result<Subnet, ResolveError>> {
+        let mut out = Vec::with_capacity(ids.len() + names.len());
+        let by_id = self.subnets_by_id(ec2, ids).await;
+        for id in ids {
+            out.push(match &by_id {
+                Err(e) => Err(ResolveError::Ec2(e.clone())),
+                Ok(known) => match known.get(id) {
+                    None => Err(ResolveError::SubnetNotFound(vec![id.clone()])),
+                    Some(s) if s.vpc_id != vpc => Err(ResolveError::SubnetInOtherVpc {
+                        subnet: id.clone(),
+                        subnet_vpc: s.vpc_id.clone(),
+                        vpc: vpc.to_string(),
+                    }),
+                    Some(s) => Ok(s.clone()),
+                },
+            });
+        }
+        let by_name = self.subnet_names(ec2, names, vpc).await;
+        for name in names {
+            out.push(match &by_name {
+                Err(e) => Err(e.clone()),
+                Ok(found) => match found.get(name).map(Vec::as_slice) {
+                    None | Some([]) => Err(ResolveError::SubnetNotFound(vec![format!(
+                        "{name} (by Name tag in {vpc})"
+                    )])),
+                    Some([one]) => Ok(one.clone()),
+                    Some(many) => Err(ResolveError::SubnetAmbiguous {
+                        name: name.clone(),
+                        vpc: vpc.to_string(),
+                        ids: many.iter().map(|s| s.id.clone()).collect(),
+                    }),
+                },
+            });
+        }
+        out
+    }
+
+    /// Subnets named by ID, described once (an ID that does not exist is simply absent).
+    async fn subnets_by_id<E: Ec2>(
+        &self,
+        ec2: &E,
+        ids: &[String],
+    ) -> Result<HashMap<String, Subnet>, Ec2Error> {
         let missing: Vec<String> = {
             let known = lock(&self.subnets);
             ids.iter()
@@ -115,51 +169,34 @@ impl Resolver {
                 .await
             {
                 Ok(found) => found,
-                Err(e) if e.kind == ErrorKind::NotFound => {
-                    return Err(ResolveError::SubnetNotFound(missing));
+                // One unknown ID fails the whole call: ask for each alone.
+                Err(e) if e.kind == ErrorKind::NotFound && missing.len() > 1 => {
+                    let mut found = Vec::new();
+                    for id in &missing {
+                        match ec2
+                            .describe_subnets(LookupQuery::Ids(vec![id.clone()]))
+                            .await
+                        {
+                            Ok(f) => found.extend(f),
+                            Err(e) if e.kind == ErrorKind::NotFound => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    found
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) if e.kind == ErrorKind::NotFound => Vec::new(),
+                Err(e) => return Err(e),
             };
             let mut known = lock(&self.subnets);
             for s in found {
                 known.insert(s.id.clone(), s);
             }
         }
-        let mut out: Vec<Subnet> = Vec::new();
-        let mut not_found = Vec::new();
-        {
-            let known = lock(&self.subnets);
-            for id in ids {
-                match known.get(id) {
-                    Some(s) => out.push(s.clone()),
-                    None => not_found.push(id.clone()),
-                }
-            }
-        }
-        let by_name = self.subnet_names(ec2, names, vpc).await?;
-        for name in names {
-            match by_name.get(name).map(Vec::as_slice) {
-                None | Some([]) => not_found.push(format!("{name} (by Name tag in {vpc})")),
-                Some([one]) => out.push(one.clone()),
-                Some(many) => {
-                    return Err(ResolveError::SubnetAmbiguous {
-                        name: name.clone(),
-                        vpc: vpc.to_string(),
-                        ids: many.iter().map(|s| s.id.clone()).collect(),
-                    });
-                }
-            }
-        }
-        if !not_found.is_empty() {
-            return Err(ResolveError::SubnetNotFound(not_found));
-        }
-        let mut seen = Vec::new();
-        out.retain(|s| {
-            let new = !seen.contains(&s.id);
-            seen.push(s.id.clone());
-            new
-        });
-        Ok(out)
+        let known = lock(&self.subnets);
+        Ok(ids
+            .iter()
+            .filter_map(|id| known.get(id).map(|s| (id.clone(), s.clone())))
+            .collect())
     }
 
     async fn subnet_names<E: Ec2>(

@@ -18,8 +18,47 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::ec2::{Ec2, EniQuery};
+use crate::ec2::{Ec2Error, Eni};
 use crate::inventory::{lock, owner};
-use crate::reconciler::Context;
+use crate::reconciler::adopt::{Ownership, ownership};
+use crate::reconciler::{Context, instance_id};
+
+/// Every ENI of this cluster: tagged with its name and identity. ENIs tagged with the
+/// name alone (before identities) are tagged with the identity and included; ENIs of
+/// another cluster that shares the name are left out, so nothing here ever touches
+/// them.
+pub async fn load_owned<E: Ec2>(ec2: &E, name: &str, id: &str) -> Result<Vec<Eni>, Ec2Error> {
+    let all = ec2
+        .describe_enis(EniQuery::Tag(
+            eni_api::tags::CLUSTER.to_string(),
+            name.to_string(),
+        ))
+        .await?;
+    let mut out = Vec::with_capacity(all.len());
+    for mut eni in all {
+        match ownership(&eni, name, id) {
+            Ownership::Ours => out.push(eni),
+            Ownership::OursUnidentified => {
+                let tags = std::collections::BTreeMap::from([
+                    (eni_api::tags::CLUSTER_ID.to_string(), id.to_string()),
+                    (eni_api::tags::NO_MANAGE.to_string(), "true".to_string()),
+                ]);
+                match ec2.tag_eni(eni.id.clone(), tags.clone()).await {
+                    Ok(()) => {
+                        info!(eni = %eni.id, "adopted an ENI tagged before cluster identities");
+                        eni.tags.extend(tags);
+                        out.push(eni);
+                    }
+                    Err(e) => {
+                        warn!(eni = %eni.id, error = %e, "cannot tag an ENI with the cluster identity; leaving it alone")
+                    }
+                }
+            }
+            Ownership::Foreign | Ownership::Untagged => {}
+        }
+    }
+    Ok(out)
+}
 
 /// Drops everything of a Node the controller does not read.
 pub fn strip_node(node: &mut Node) {
@@ -116,11 +155,21 @@ pub async fn resync<E: Ec2>(
     loop {
         tick.tick().await;
         let started = Instant::now();
-        let query = EniQuery::Tag(
-            eni_api::tags::CLUSTER.to_string(),
-            ctx.config.cluster_name.clone(),
-        );
-        match ctx.ec2.describe_enis(query).await {
+        // Forget the instances of Nodes that are gone.
+        let keep: BTreeSet<String> = ctx
+            .nodes
+            .state()
+            .iter()
+            .filter_map(|n| {
+                n.spec
+                    .as_ref()?
+                    .provider_id
+                    .as_deref()
+                    .and_then(instance_id)
+            })
+            .collect();
+        ctx.instances.retain(&keep);
+        match load_owned(&ctx.ec2, &ctx.config.cluster_name, &ctx.config.cluster_id).await {
             Ok(all) => {
                 let changed = lock(&ctx.inventory).replace_all(all, started);
                 ctx.inventory_changed.notify_waiters();

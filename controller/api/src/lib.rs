@@ -33,6 +33,10 @@ pub const FINALIZER: &str = "nodeeni.networking.k8s.aws/finalizer";
 pub mod tags {
     /// Cluster that owns the ENI (value: the controller's `--cluster-name`).
     pub const CLUSTER: &str = "aws-multi-eni.k8s.aws/cluster";
+    /// Identity of the cluster that owns the ENI: the UID of its `kube-system`
+    /// namespace (or `--cluster-id`). Two clusters that share a name in one account
+    /// never touch each other's ENIs.
+    pub const CLUSTER_ID: &str = "aws-multi-eni.k8s.aws/cluster-id";
     /// Name of the `NodeENI` the ENI was created for.
     pub const NODE_ENI: &str = "aws-multi-eni.k8s.aws/nodeeni";
     /// Name of the Kubernetes Node the ENI belongs to.
@@ -43,6 +47,9 @@ pub mod tags {
     pub const DEVICE_INDEX: &str = "aws-multi-eni.k8s.aws/device-index";
     /// Tag `Name`, shown in the EC2 console.
     pub const NAME: &str = "Name";
+    /// The Amazon VPC CNI (ipamd) leaves an ENI alone when this tag is `true`: no pod
+    /// IPs on it, no reclaiming. Every ENI the controller creates or adopts carries it.
+    pub const NO_MANAGE: &str = "node.k8s.amazonaws.com/no_manage";
 }
 
 /// Errors raised while interpreting a `NodeENI`.

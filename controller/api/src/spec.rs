@@ -111,8 +111,8 @@ pub const DPDK_DRIVERS: [&str; 3] = ["vfio-pci", "uio_pci_generic", "igb_uio"];
         "fieldPath": ".enableDPDK"
     },
     {
-        "rule": "(has(self.deviceIndex) ? self.deviceIndex : 1) + (has(self.subnetIDs) ? size(self.subnetIDs) : 0) + (has(self.subnetNames) ? size(self.subnetNames) : 0) <= 65",
-        "message": "deviceIndex plus the number of subnets exceeds the largest EC2 device index (63)",
+        "rule": "(has(self.deviceIndex) ? self.deviceIndex : 1) + (has(self.subnetID) ? 1 : 0) + (has(self.subnetIDs) ? size(self.subnetIDs) : 0) + (has(self.subnetName) ? 1 : 0) + (has(self.subnetNames) ? size(self.subnetNames) : 0) <= 64",
+        "message": "the last subnet's device index (deviceIndex + number of subnets - 1, counting subnetID, subnetIDs, subnetName and subnetNames) exceeds the largest EC2 device index (63)",
         "fieldPath": ".deviceIndex"
     }
 ]))]

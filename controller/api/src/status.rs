@@ -131,8 +131,10 @@ pub struct ENIAttachment {
         skip_serializing_if = "Option::is_none"
     )]
     pub private_ip_address: Option<String>,
-    /// `Creating`, `Attaching`, `Attached`, `Detaching`, `Deleting` or `Failed`.
-    #[schemars(extend("enum" = ["Creating", "Attaching", "Attached", "Detaching", "Deleting", "Failed"]))]
+    /// `Creating`, `Attaching`, `Attached`, `Detaching`, `Deleting` or `Failed`. Not an
+    /// enum in the schema: statuses the older controller wrote (`attached`) stay valid,
+    /// so its objects can be restored and its entries kept until they are adopted.
+    #[schemars(length(max = 32))]
     pub status: String,
     /// Last time this entry changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -156,6 +158,12 @@ pub struct ENIAttachment {
         skip_serializing_if = "Option::is_none"
     )]
     pub dpdk_pci_address: Option<String>,
+
+    /// `ClientToken` of the create that made (or will make) this slot's ENI. Recorded
+    /// before the create is sent, replaced whenever a new ENI is wanted, so a retried
+    /// create never returns an ENI that is gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_token: Option<String>,
 }
 
 /// What one node daemon did with the ENIs attached to its Node.
@@ -233,6 +241,15 @@ pub mod condition {
     pub const SUBNET_NOT_FOUND: &str = "SubnetNotFound";
     /// Reason: a subnet name matches more than one subnet.
     pub const SUBNET_AMBIGUOUS: &str = "SubnetAmbiguous";
+    /// Reason: a subnet given by ID is in another VPC than the Node.
+    pub const SUBNET_IN_OTHER_VPC: &str = "SubnetInOtherVPC";
+    /// Reason: none of the NodeENI's subnets is in a selected Node's availability zone.
+    pub const NO_SUBNET_IN_ZONE: &str = "NoSubnetInZone";
+    /// Reason: a selected Node's instance does not exist in EC2.
+    pub const INSTANCE_NOT_FOUND: &str = "InstanceNotFound";
+    /// Reason: an ENI the status lists carries no ownership tags and is not where the
+    /// status says: it is left alone (and the finalizer kept) until someone removes it.
+    pub const NOT_ADOPTED: &str = "NotAdopted";
     /// Reason: a security group name or ID does not exist.
     pub const SECURITY_GROUP_NOT_FOUND: &str = "SecurityGroupNotFound";
     /// Reason: another ENI already occupies the device index.
@@ -241,6 +258,8 @@ pub mod condition {
     pub const INSTANCE_ENI_LIMIT: &str = "InstanceENILimit";
     /// Reason: a Node has no usable AWS providerID.
     pub const INVALID_PROVIDER_ID: &str = "InvalidProviderID";
+    /// Reason: the Kubernetes API failed a request of the controller.
+    pub const API_ERROR: &str = "APIError";
     /// Reason: EC2 refused a request.
     pub const EC2_ERROR: &str = "EC2Error";
     /// Reason: the NodeENI is being deleted.

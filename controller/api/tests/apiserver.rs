@@ -105,6 +105,32 @@ async fn older_controller_manifests_apply_unchanged() {
     }
 }
 
+/// The device-index rule accepts exactly up to index 63 for the last subnet.
+#[tokio::test]
+#[ignore = "integration: needs kube-apiserver (make test-integration)"]
+async fn device_index_rule_accepts_the_boundary() {
+    let client = client_with_crd().await;
+    let sg = "securityGroupIDs: [sg-05da196f3314d4af8]";
+    let cases = [
+        format!("{sg}\n  deviceIndex: 63\n  subnetID: subnet-0f59b4f14737be9ad"),
+        format!(
+            "{sg}\n  deviceIndex: 62\n  subnetID: subnet-0f59b4f14737be9ad\n  subnetIDs: [subnet-0a1b2c3d4e5f60718]"
+        ),
+        format!("{sg}\n  deviceIndex: 62\n  subnetName: a\n  subnetNames: [b]"),
+        format!(
+            "{sg}\n  deviceIndex: 61\n  subnetIDs: [subnet-0f59b4f14737be9ad]\n  subnetNames: [a, b]"
+        ),
+    ];
+    for (i, spec) in cases.iter().enumerate() {
+        let yaml = format!(
+            "apiVersion: networking.k8s.aws/v1alpha1\nkind: NodeENI\nmetadata: {{name: boundary-{i}}}\nspec:\n  nodeSelector: {{ng: multi-eni}}\n  {spec}\n"
+        );
+        if let Err(e) = create(&client, &yaml).await {
+            panic!("boundary case {i} rejected: {e}\n{spec}");
+        }
+    }
+}
+
 #[tokio::test]
 #[ignore = "integration: needs kube-apiserver (make test-integration)"]
 async fn invalid_manifests_are_rejected_naming_the_field() {
@@ -116,6 +142,10 @@ async fn invalid_manifests_are_rejected_naming_the_field() {
         ("device index 0", format!("{ok_net}\n  deviceIndex: 0"), "spec.deviceIndex"),
         ("device index too high", format!("{ok_net}\n  deviceIndex: 64"), "spec.deviceIndex"),
         ("subnets past the last index", "securityGroupIDs: [sg-05da196f3314d4af8]\n  deviceIndex: 63\n  subnetIDs: [subnet-0f59b4f14737be9ad, subnet-0a1b2c3d4e5f60718, subnet-00000000]".to_string(), "spec.deviceIndex"),
+        // The last index is deviceIndex + subnets - 1, and subnetID / subnetName count.
+        ("two subnets from index 63", "securityGroupIDs: [sg-05da196f3314d4af8]\n  deviceIndex: 63\n  subnetIDs: [subnet-0f59b4f14737be9ad, subnet-0a1b2c3d4e5f60718]".to_string(), "spec.deviceIndex"),
+        ("subnetID and subnetIDs from index 63", "securityGroupIDs: [sg-05da196f3314d4af8]\n  deviceIndex: 63\n  subnetID: subnet-0f59b4f14737be9ad\n  subnetIDs: [subnet-0a1b2c3d4e5f60718]".to_string(), "spec.deviceIndex"),
+        ("subnetName and subnetNames from index 63", "securityGroupIDs: [sg-05da196f3314d4af8]\n  deviceIndex: 63\n  subnetName: a\n  subnetNames: [b]".to_string(), "spec.deviceIndex"),
         ("mtu too small", format!("{ok_net}\n  mtu: 500"), "spec.mtu"),
         ("mtu too large", format!("{ok_net}\n  mtu: 9002"), "spec.mtu"),
         ("malformed subnet id", "subnetID: subnet-xyz\n  securityGroupIDs: [sg-05da196f3314d4af8]".to_string(), "spec.subnetID"),

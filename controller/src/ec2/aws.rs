@@ -21,6 +21,7 @@ use super::{
     AttachedEni, Attachment, AttachmentState, Ec2, Ec2Error, Eni, EniQuery, ErrorKind, Instance,
     InstanceLimits, LookupQuery, NewEni, SecurityGroup, Subnet,
 };
+use crate::lease::Fence;
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
 
@@ -35,6 +36,7 @@ pub struct AwsEc2 {
     client: Client,
     metrics: Metrics,
     limiter: RateLimiter,
+    fence: Fence,
 }
 
 impl AwsEc2 {
@@ -44,7 +46,15 @@ impl AwsEc2 {
             client,
             metrics,
             limiter,
+            fence: Fence::open(),
         }
+    }
+
+    /// Starts no mutating call while `fence` is closed (this replica may not be the
+    /// leader any more).
+    pub fn with_fence(mut self, fence: Fence) -> Self {
+        self.fence = fence;
+        self
     }
 
     /// Runs one EC2 action: rate limit, time, map the error, count, and retry throttling
@@ -73,8 +83,18 @@ impl AwsEc2 {
             .with_jitter()
             .with_max_times(4)
             .build();
+        let mutating = !operation.starts_with("Describe");
         loop {
             self.limiter.acquire(operation, &self.metrics).await;
+            if mutating && !self.fence.allows() {
+                self.metrics
+                    .ec2_call(operation, ErrorKind::NotLeader.as_str(), Duration::ZERO);
+                return Err(Ec2Error::new(
+                    operation,
+                    ErrorKind::NotLeader,
+                    "not sent: this replica may no longer hold the leader lease",
+                ));
+            }
             let start = Instant::now();
             let result = request()
                 .await
@@ -221,6 +241,8 @@ impl Ec2 for AwsEc2 {
                             eni_id: ni.network_interface_id()?.to_string(),
                             device_index: a.device_index()?,
                             network_card_index: a.network_card_index().unwrap_or_default(),
+                            description: ni.description().unwrap_or_default().to_string(),
+                            nodeeni: None,
                         })
                     })
                     .collect();
@@ -236,6 +258,11 @@ impl Ec2 for AwsEc2 {
                         .and_then(|p| p.availability_zone())
                         .unwrap_or_default()
                         .to_string(),
+                    state: inst
+                        .state()
+                        .and_then(|s| s.name())
+                        .map(|n| n.as_str().to_string())
+                        .unwrap_or_default(),
                     enis,
                 });
             }
@@ -464,6 +491,25 @@ impl Ec2 for AwsEc2 {
             .delete_network_interface()
             .network_interface_id(eni_id);
         self.call("DeleteNetworkInterface", || req.clone().send())
+            .await
+            .map(drop)
+    }
+
+    async fn tag_eni(
+        &self,
+        eni_id: String,
+        tags: BTreeMap<String, String>,
+    ) -> Result<(), Ec2Error> {
+        let tags: Vec<Tag> = tags
+            .iter()
+            .map(|(k, v)| Tag::builder().key(k).value(v).build())
+            .collect();
+        let req = self
+            .client
+            .create_tags()
+            .resources(eni_id)
+            .set_tags(Some(tags));
+        self.call("CreateTags", || req.clone().send())
             .await
             .map(drop)
     }

@@ -21,6 +21,11 @@ pub enum ErrorKind {
     Unauthorized,
     /// EC2 rejected a parameter.
     InvalidParameter,
+    /// A `ClientToken` was reused with other parameters
+    /// (`IdempotentParameterMismatch`): the create needs a new token.
+    TokenMismatch,
+    /// Not sent: this replica's leader lease may have lapsed (see `lease::Fence`).
+    NotLeader,
     /// Timeouts, connection failures and 5xx: worth retrying.
     Transient,
     /// Anything else.
@@ -39,6 +44,8 @@ impl ErrorKind {
             Self::Throttled => "throttled",
             Self::Unauthorized => "unauthorized",
             Self::InvalidParameter => "invalid_parameter",
+            Self::TokenMismatch => "token_mismatch",
+            Self::NotLeader => "not_leader",
             Self::Transient => "transient",
             Self::Other => "other",
         }
@@ -56,6 +63,7 @@ impl ErrorKind {
             | "InvalidInstanceID.NotFound"
             | "InvalidNetworkInterface.NotFound" => Self::NotFound,
             "InvalidNetworkInterface.InUse" => Self::InUse,
+            "IdempotentParameterMismatch" => Self::TokenMismatch,
             "AttachmentLimitExceeded" => Self::AttachmentLimit,
             "InsufficientFreeAddressesInSubnet" => Self::SubnetFull,
             "RequestLimitExceeded" | "Throttling" | "ThrottlingException" => Self::Throttled,

@@ -103,8 +103,58 @@ pub struct Instance {
     pub vpc_id: String,
     /// Availability zone.
     pub availability_zone: String,
+    /// Lifecycle state (`pending`, `running`, `stopping`, `stopped`, `shutting-down`,
+    /// `terminated`).
+    pub state: String,
     /// ENIs attached to it (by anyone): (ENI, device index, network card).
     pub enis: Vec<AttachedEni>,
+}
+
+impl AttachedEni {
+    /// Who holds this ENI, for messages about the device index it occupies.
+    pub fn holder(&self) -> Holder {
+        if let Some(n) = &self.nodeeni {
+            Holder::NodeEni(n.clone())
+        } else if self.description.starts_with(VPC_CNI_DESCRIPTION_PREFIX) {
+            Holder::VpcCni
+        } else {
+            Holder::Unknown
+        }
+    }
+}
+
+/// Description prefix of the ENIs the Amazon VPC CNI (ipamd) creates and attaches.
+pub const VPC_CNI_DESCRIPTION_PREFIX: &str = "aws-K8S-";
+
+/// Who holds an ENI that occupies a wanted device index.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Holder {
+    /// The Amazon VPC CNI: it attaches its ENIs at the next free index.
+    VpcCni,
+    /// Another NodeENI of this cluster.
+    NodeEni(String),
+    /// Neither: someone attached it by hand or with another tool.
+    Unknown,
+}
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::VpcCni => f.write_str(
+                "an ENI of the Amazon VPC CNI (leave its indexes to it: use deviceIndex 2 or higher, see docs/install.md)",
+            ),
+            Self::NodeEni(n) => write!(f, "an ENI of NodeENI {n}"),
+            Self::Unknown => f.write_str("an ENI not managed by the VPC CNI or by this controller"),
+        }
+    }
+}
+
+impl Instance {
+    /// Whether the instance is being terminated or is gone: its ENIs are released (EC2
+    /// deletes those with DeleteOnTermination itself).
+    pub fn is_terminating(&self) -> bool {
+        matches!(self.state.as_str(), "shutting-down" | "terminated")
+    }
 }
 
 /// One ENI attached to an instance.
@@ -116,6 +166,10 @@ pub struct AttachedEni {
     pub device_index: i32,
     /// Its network card.
     pub network_card_index: i32,
+    /// Its description (the Amazon VPC CNI writes `aws-K8S-<instance-id>`).
+    pub description: String,
+    /// The NodeENI it was created for, when it is one of this cluster's.
+    pub nodeeni: Option<String>,
 }
 
 /// ENI limits of an instance type.
@@ -263,4 +317,12 @@ pub trait Ec2: Send + Sync + 'static {
 
     /// `DeleteNetworkInterface`.
     fn delete_eni(&self, eni_id: String) -> impl Future<Output = Result<(), Ec2Error>> + Send;
+
+    /// `CreateTags` on one ENI (adopting an ENI created before it carried this
+    /// controller's ownership tags).
+    fn tag_eni(
+        &self,
+        eni_id: String,
+        tags: BTreeMap<String, String>,
+    ) -> impl Future<Output = Result<(), Ec2Error>> + Send;
 }
