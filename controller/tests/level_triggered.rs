@@ -783,3 +783,222 @@ async fn draining_node_keeps_its_enis_until_it_is_gone() {
         .await;
     assert!(!eni_exists(&w, &eni).await);
 }
+
+/// A kubeconfig acting as `user` (impersonation through the admin credentials), so RBAC
+/// applies to each replica on its own.
+fn kubeconfig_as(w: &World, user: &str) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(&w.api.kubeconfig).expect("kubeconfig");
+    let mut doc: serde_json::Value = serde_yaml_ng::from_str(&text).expect("kubeconfig yaml");
+    for u in doc["users"].as_array_mut().expect("users") {
+        u["user"]["as"] = serde_json::json!(user);
+    }
+    let path = w.api.dir().join(format!("kubeconfig-{user}"));
+    std::fs::write(&path, serde_yaml_ng::to_string(&doc).expect("yaml")).expect("write");
+    path
+}
+
+fn spawn_replica(
+    w: &World,
+    user: &str,
+    kubeconfig: &std::path::Path,
+    ec2: &str,
+) -> eni_testkit::Child {
+    let mut args: Vec<String> = [
+        "AWS_ACCESS_KEY_ID=testing",
+        "AWS_SECRET_ACCESS_KEY=testing",
+        "AWS_REGION=us-east-1",
+        "AWS_EC2_METADATA_DISABLED=true",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.push(format!("KUBECONFIG={}", kubeconfig.display()));
+    args.push(env!("CARGO_BIN_EXE_eni-controller").to_string());
+    for a in [
+        "--cluster-name",
+        CLUSTER,
+        "--leader-elect=true",
+        "--leader-election-namespace=eni-test",
+        "--leader-election-lease-duration=6s",
+        "--leader-election-renew-deadline=4s",
+        "--leader-election-retry-period=1s",
+        "--metrics-addr=127.0.0.1:0",
+        "--in-flight-poll-interval=200ms",
+        "--log-level=info,eni_controller=debug",
+    ] {
+        args.push(a.to_string());
+    }
+    args.push(format!("--pod-name={user}"));
+    args.push(format!("--ec2-endpoint={ec2}"));
+    eni_testkit::Child::spawn(
+        user,
+        std::path::Path::new("/usr/bin/env"),
+        &args,
+        &w.api.dir().join(format!("{user}.log")),
+    )
+    .expect("spawn replica")
+}
+
+async fn apply_yaml<K>(api: &Api<K>, yaml: &str)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    let value: serde_json::Value = serde_yaml_ng::from_str(yaml).expect("yaml");
+    let obj: K = serde_json::from_value(value).expect("object");
+    let name = obj.meta().name.clone().expect("name");
+    api.patch(
+        &name,
+        &PatchParams::apply("it").force(),
+        &Patch::Apply(&obj),
+    )
+    .await
+    .expect("apply");
+}
+
+async fn lease_holder(w: &World) -> Option<String> {
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(w.kube.clone(), "eni-test");
+    leases
+        .get_opt("aws-multi-eni-controller")
+        .await
+        .ok()
+        .flatten()
+        .and_then(|l| l.spec?.holder_identity)
+}
+
+/// Issue 12 #5: a leader cut off from its Lease (its RBAC on leases revoked) makes no
+/// mutating EC2 call once its renew deadline has passed, and the standby converges the
+/// work. Each replica talks to EC2 through its own fault proxy, so calls are counted per
+/// replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "integration: needs kube-apiserver and moto (make test-integration)"]
+async fn a_leader_that_lost_its_lease_stops_writing_to_ec2() {
+    use eni_testkit::faults::FaultProxy;
+    use k8s_openapi::api::core::v1::Namespace;
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+    let w = World::new().await;
+    let admin = w.kube.clone();
+    apply_yaml(
+        &Api::<Namespace>::all(admin.clone()),
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: eni-test}\n",
+    )
+    .await;
+    apply_yaml(
+        &Api::<ClusterRole>::all(admin.clone()),
+        "apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: eni-controller}
+rules:
+- {apiGroups: [networking.k8s.aws], resources: [nodeenis, nodeenis/status, nodeenis/finalizers], verbs: ['*']}
+- {apiGroups: [''], resources: [nodes], verbs: [get, list, watch]}
+- {apiGroups: [''], resources: [namespaces], resourceNames: [kube-system], verbs: [get]}
+- {apiGroups: ['', events.k8s.io], resources: [events], verbs: [create, patch]}
+",
+    )
+    .await;
+    apply_yaml(
+        &Api::<ClusterRoleBinding>::all(admin.clone()),
+        "apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: eni-controller}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: eni-controller}
+subjects:
+- {apiGroup: rbac.authorization.k8s.io, kind: User, name: replica-a}
+- {apiGroup: rbac.authorization.k8s.io, kind: User, name: replica-b}
+",
+    )
+    .await;
+    apply_yaml(
+        &Api::<Role>::namespaced(admin.clone(), "eni-test"),
+        "apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: leases, namespace: eni-test}
+rules:
+- {apiGroups: [coordination.k8s.io], resources: [leases], verbs: ['*']}
+",
+    )
+    .await;
+    let bindings = Api::<RoleBinding>::namespaced(admin.clone(), "eni-test");
+    for user in ["replica-a", "replica-b"] {
+        apply_yaml(
+            &bindings,
+            &format!(
+                "apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {{name: leases-{user}, namespace: eni-test}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: leases}}
+subjects:
+- {{apiGroup: rbac.authorization.k8s.io, kind: User, name: {user}}}
+"
+            ),
+        )
+        .await;
+    }
+    let proxy_a = FaultProxy::start(&w.moto.endpoint, FaultConfig::default())
+        .await
+        .expect("proxy a");
+    let proxy_b = FaultProxy::start(&w.moto.endpoint, FaultConfig::default())
+        .await
+        .expect("proxy b");
+
+    w.node("node-1", &[("ng", "multi-eni")]).await;
+    let mut a = spawn_replica(
+        &w,
+        "replica-a",
+        &kubeconfig_as(&w, "replica-a"),
+        &proxy_a.endpoint,
+    );
+    let leader = eventually(Duration::from_secs(60), || async {
+        (lease_holder(&w).await.as_deref() == Some("replica-a")).then_some(())
+    })
+    .await;
+    assert!(leader.is_some(), "replica-a never became leader");
+    let _b = spawn_replica(
+        &w,
+        "replica-b",
+        &kubeconfig_as(&w, "replica-b"),
+        &proxy_b.endpoint,
+    );
+    let subnet = w.subnets["net-a"].clone();
+    w.apply_nodeeni(&plain("fenced", &subnet, 2)).await;
+    w.wait_for("fenced", "Ready", ready).await;
+    assert!(
+        proxy_a.stats().mutating_requests() > 0,
+        "the leader did the work"
+    );
+    assert_eq!(
+        proxy_b.stats().mutating_requests(),
+        0,
+        "the standby wrote to EC2"
+    );
+
+    // Cut the leader off its Lease.
+    bindings
+        .delete("leases-replica-a", &DeleteParams::default())
+        .await
+        .expect("revoke");
+    let took_over = eventually(Duration::from_secs(60), || async {
+        (lease_holder(&w).await.as_deref() == Some("replica-b")).then_some(())
+    })
+    .await;
+    assert!(took_over.is_some(), "replica-b never took the Lease over");
+    // B took over lease-duration after A's last renewal, so A's renew deadline passed.
+    let a_calls = proxy_a.stats().mutating_requests();
+
+    // New work: only B may do it.
+    w.node("node-2", &[("ng", "multi-eni")]).await;
+    w.wait_for("fenced", "Ready on two nodes", |o| {
+        ready(o) && o.status.as_ref().is_some_and(|s| s.ready_attachments == 2)
+    })
+    .await;
+    assert!(
+        proxy_b.stats().mutating_requests() > 0,
+        "the new leader did the work"
+    );
+    assert_eq!(
+        proxy_a.stats().mutating_requests(),
+        a_calls,
+        "the old leader wrote to EC2 after its renew deadline"
+    );
+    let _ = a.running();
+}
