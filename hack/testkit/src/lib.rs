@@ -4,6 +4,8 @@
 //!   kubeconfig and an admin [`kube::Client`] factory. [`ApiServer::shared`] starts one per
 //!   test binary; tests isolate themselves by object names.
 //! * [`Moto`]: moto's EC2 server on a random free 127.0.0.1 port.
+//! * [`ipamd::Ipamd`]: a stand-in for the VPC CNI attaching its own ENIs at the next free
+//!   device index.
 //! * [`faults::FaultProxy`]: the EC2 fault layer in front of moto (throttling, latency,
 //!   EC2 validation moto lacks, injected errors); also the `ec2-faults` binary.
 //!
@@ -14,6 +16,7 @@
 
 mod apiserver;
 pub mod faults;
+pub mod ipamd;
 mod moto;
 mod process;
 
