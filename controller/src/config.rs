@@ -67,8 +67,12 @@ pub struct ControllerArgs {
     #[arg(long, env = "MAX_CONCURRENT_RECONCILES", default_value_t = 5)]
     pub max_concurrent_reconciles: u16,
 
-    /// ENI removals (detach + delete chains) run at once within one NodeENI.
-    #[arg(long, env = "MAX_CONCURRENT_ENI_CLEANUP", default_value_t = 3)]
+    /// ENI removal chains (detach -> wait -> delete) run at once within one NodeENI. As
+    /// for provisioning, the rate limiter paces the EC2 calls; a chain waiting for its
+    /// detach to finish holds a place, so a small value slows bulk removal well below
+    /// EC2's rate (the older controller's default, 3, made deleting 1000 ENIs take twice
+    /// the token-bucket bound).
+    #[arg(long, env = "MAX_CONCURRENT_ENI_CLEANUP", default_value_t = 2048)]
     pub max_concurrent_eni_cleanup: usize,
 
     /// ENI provisioning chains (create, attach, modify) run at once within one NodeENI.

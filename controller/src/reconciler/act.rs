@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use eni_api::{AttachmentStatus, NodeENI, tags};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use kube::ResourceExt;
 use kube::runtime::events::EventType;
 use tracing::{debug, info, warn};
@@ -91,36 +91,41 @@ pub(super) async fn execute_pass<E: Ec2>(
         .filter(|((_, p), _)| matches!(p.step, Step::Act(_)))
         .map(|(_, (s, st))| (s.clone(), st.clone()))
         .collect();
-    let results: Vec<Option<(String, String, &'static str)>> =
-        futures::stream::iter(slot_jobs.into_iter().map(|(slot, settings)| async move {
+    // Slot chains and removal chains (including duplicates found while planning slots)
+    // run side by side, every chain started at once behind the rate limiter, so the
+    // create/attach and detach/delete buckets are all busy together.
+    let removal_ids: Vec<String> = first.removals.iter().map(|(id, _)| id.clone()).collect();
+    let slot_chains = futures::stream::iter(slot_jobs.into_iter().map(|(slot, settings)| {
+        async move {
             run_slot_chain(ctx, obj, &slot, &settings, tokens)
                 .await
                 .err()
-        }))
-        .buffer_unordered(ctx.config.parallel_operations.max(1))
-        .collect()
-        .await;
-    outcome.slot_errors.extend(results.into_iter().flatten());
-    outcome.tokens = std::mem::take(&mut *lock(tokens));
-
-    // Removal chains (including duplicates found while planning slots).
-    let removals: Vec<(String, Action)> = current_plan(ctx, &name, slots, held)
-        .removals
-        .into_iter()
-        .filter_map(|(id, step)| match step {
-            Step::Act(a) => Some((id, a)),
-            _ => None,
-        })
-        .collect();
-    let results: Vec<Option<(String, String, &'static str)>> = futures::stream::iter(
-        removals
-            .into_iter()
-            .map(|(id, action)| async move { run_removal(ctx, obj, &id, action).await.err() }),
-    )
+                .map(ChainError::from)
+        }
+        .boxed()
+    }))
+    .buffer_unordered(ctx.config.parallel_operations.max(1))
+    .collect::<Vec<Option<ChainError>>>();
+    let removal_chains = futures::stream::iter(removal_ids.into_iter().map(|id| {
+        async move {
+            run_removal_chain(ctx, obj, &id)
+                .await
+                .err()
+                .map(ChainError::from)
+        }
+        .boxed()
+    }))
     .buffer_unordered(ctx.config.parallel_cleanups.max(1))
-    .collect()
-    .await;
-    outcome.slot_errors.extend(results.into_iter().flatten());
+    .collect::<Vec<Option<ChainError>>>();
+    let (slot_results, removal_results) = futures::join!(slot_chains, removal_chains);
+    outcome.slot_errors.extend(
+        slot_results
+            .into_iter()
+            .chain(removal_results)
+            .flatten()
+            .map(|e| (e.node, e.message, e.reason)),
+    );
+    outcome.tokens = std::mem::take(&mut *lock(tokens));
 
     current_plan(ctx, &name, slots, held)
 }
@@ -236,6 +241,68 @@ pub(super) async fn run_slot_chain<E: Ec2>(
         }
     }
     Ok(())
+}
+
+/// Runs an ENI's removal until it is gone or waits on someone else: detach -> (wait for
+/// the poller to see it detached; forced once the detachment timeout passed) -> delete.
+pub(super) async fn run_removal_chain<E: Ec2>(
+    ctx: &Context<E>,
+    obj: &NodeENI,
+    eni_id: &str,
+) -> Result<(), (String, String, &'static str)> {
+    // Bounded: detach, forced detach, delete.
+    for _ in 0..6 {
+        let changed = ctx.inventory_changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let step = {
+            let inventory = lock(&ctx.inventory);
+            let Some(eni) = inventory.get(eni_id) else {
+                return Ok(());
+            };
+            let stuck = inventory
+                .stuck_detaching(ctx.config.detach_timeout)
+                .contains(eni_id);
+            plan::plan_removal(eni, stuck)
+        };
+        match step {
+            Step::Act(action) => run_removal(ctx, obj, eni_id, action).await?,
+            Step::Wait => {
+                // Wake when the poller sees the detach finish, or when the detachment
+                // timeout makes a forced detach due.
+                let wait = ATTACH_WAIT.min(ctx.config.detach_timeout + Duration::from_millis(100));
+                if tokio::time::timeout(wait, changed).await.is_err() && {
+                    let inventory = lock(&ctx.inventory);
+                    !inventory
+                        .stuck_detaching(ctx.config.detach_timeout)
+                        .contains(eni_id)
+                } {
+                    return Ok(());
+                }
+            }
+            _ => return Ok(()),
+        }
+    }
+    Ok(())
+}
+
+/// A chain's failure. A named type (not a tuple with a `&'static str`) so the futures
+/// that carry it stay `Send` for every lifetime the compiler picks.
+#[derive(Debug)]
+pub(super) struct ChainError {
+    node: String,
+    message: String,
+    reason: &'static str,
+}
+
+impl From<(String, String, &'static str)> for ChainError {
+    fn from((node, message, reason): (String, String, &'static str)) -> Self {
+        Self {
+            node,
+            message,
+            reason,
+        }
+    }
 }
 
 /// How long a chain waits for EC2 to finish an attach before leaving it to a later pass.
