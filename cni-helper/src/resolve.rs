@@ -70,7 +70,7 @@ impl<S: StateSource, M: Metadata, N: NetDevices> Resolver<S, M, N> {
         let mut partial = None;
 
         match self.state.load() {
-            Ok(state) => match state.find(device_index, network_card_index) {
+            Ok(state) => match crate::state::find(&state, device_index, network_card_index) {
                 Some(eni) => {
                     let id = &eni.eni_id;
                     if eni.dpdk_bound {
@@ -93,7 +93,9 @@ impl<S: StateSource, M: Metadata, N: NetDevices> Resolver<S, M, N> {
                             source: "state file",
                             tried,
                         });
-                    } else if let Some(mac) = eni.mac_address.as_deref() {
+                    } else if let Some(mac) =
+                        Some(eni.mac_address.as_str()).filter(|m| !m.is_empty())
+                    {
                         match self.netdevs.by_mac(mac) {
                             Ok(Some(name)) => {
                                 return Ok(Resolution {
@@ -209,9 +211,11 @@ pub(crate) mod stubs {
         fn load(&self) -> Result<NodeState, StateError> {
             match self.0 {
                 None => Err(StateError::NotFound("/stub/enis.json".into())),
-                Some(s) => crate::state::parse(s.as_bytes()).map_err(|_| StateError::Version {
-                    path: "/stub/enis.json".into(),
-                    version: 0,
+                Some(s) => eni_state::parse(s.as_bytes()).map_err(|e| {
+                    StateError::Load(eni_state::Error::Io {
+                        path: "/stub/enis.json".into(),
+                        source: std::io::Error::other(e.to_string()),
+                    })
                 }),
             }
         }

@@ -52,21 +52,8 @@ pub enum Error {
         found: String,
     },
     /// The state file could not be read or written.
-    #[error("state file {path}: {source}")]
-    StateIo {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// The state file does not parse.
-    #[error("state file {path} is not valid: {source}")]
-    StateParse {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        source: serde_json::Error,
-    },
+    #[error(transparent)]
+    State(#[from] eni_state::Error),
     /// The network namespace given with `--netns` could not be entered.
     #[error("cannot enter network namespace {path}: {reason}")]
     Netns {

@@ -148,19 +148,23 @@ impl Node {
         }
     }
 
-    /// Writes the node daemon's state file with ens7 at device index 2.
+    /// Writes the node daemon's state file with ens7 at device index 2, through the same
+    /// contract crate (types and atomic save) the daemon writes it with.
     pub fn write_state(&self) {
-        let state = serde_json::json!({
-            "version": 1, "node": "test-node",
-            "enis": [{
-                "eniID": "eni-0test", "macAddress": ENS7_MAC, "deviceIndex": 2,
-                "networkCardIndex": 0, "nodeENI": "multus", "interfaceName": "ens7",
-                "pciAddress": null, "driver": null, "dpdkBound": false, "resourceName": null
-            }]
+        let mut state = eni_state::StateFile::empty("test-node");
+        state.enis.push(eni_state::EniState {
+            eni_id: "eni-0test".into(),
+            mac_address: ENS7_MAC.into(),
+            device_index: 2,
+            network_card_index: 0,
+            node_eni: "multus".into(),
+            interface_name: Some("ens7".into()),
+            pci_address: None,
+            driver: None,
+            dpdk_bound: false,
+            resource_name: None,
         });
-        let tmp = self.state_dir.path().join(".enis.json.tmp");
-        std::fs::write(&tmp, state.to_string()).expect("write state");
-        std::fs::rename(&tmp, self.state_dir.path().join("enis.json")).expect("rename state");
+        eni_state::save(&eni_state::path(self.state_dir.path()), &state).expect("write state");
     }
 
     pub fn ens7_ifindex(&self) -> u64 {
