@@ -16,14 +16,14 @@ pub enum CniCode {
     IncompatibleVersion,
     /// 2: unsupported field in network configuration.
     UnsupportedField,
-    /// 4: invalid network configuration.
-    InvalidConfig,
+    /// 4: invalid necessary environment variables.
+    InvalidEnv,
     /// 5: I/O failure.
     IoFailure,
     /// 6: failed to decode content.
     DecodeFailure,
-    /// 7: invalid necessary environment variables.
-    InvalidEnv,
+    /// 7: invalid network configuration.
+    InvalidConfig,
     /// 11: try again later.
     TryAgainLater,
     /// 50: the plugin is not available (STATUS).
@@ -42,10 +42,10 @@ impl CniCode {
         match self {
             Self::IncompatibleVersion => 1,
             Self::UnsupportedField => 2,
-            Self::InvalidConfig => 4,
+            Self::InvalidEnv => 4,
             Self::IoFailure => 5,
             Self::DecodeFailure => 6,
-            Self::InvalidEnv => 7,
+            Self::InvalidConfig => 7,
             Self::TryAgainLater => 11,
             Self::NotAvailable => 50,
             Self::DelegateNotFound => 100,
@@ -276,6 +276,26 @@ mod tests {
         );
         let e = CniError::new(CniCode::InvalidConfig, "bad");
         assert!(e.to_json("1.1.0").get("details").is_none());
+    }
+
+    #[test]
+    fn codes_are_the_spec_numbers() {
+        // CNI spec, "Error" section: 4 = invalid necessary environment variables,
+        // 7 = invalid network configuration.
+        for (code, n) in [
+            (CniCode::IncompatibleVersion, 1),
+            (CniCode::UnsupportedField, 2),
+            (CniCode::InvalidEnv, 4),
+            (CniCode::IoFailure, 5),
+            (CniCode::DecodeFailure, 6),
+            (CniCode::InvalidConfig, 7),
+            (CniCode::TryAgainLater, 11),
+            (CniCode::NotAvailable, 50),
+        ] {
+            assert_eq!(code.as_u32(), n, "{code:?}");
+        }
+        let missing = CniEnv::from_vars(&vars(&[("CNI_COMMAND", "ADD")])).expect_err("missing");
+        assert_eq!(missing.to_json("1.0.0")["code"], 4);
     }
 
     #[test]

@@ -504,7 +504,7 @@ mod tests {
     }
 
     #[test]
-    fn bad_config_is_error_4_and_calls_nothing() {
+    fn bad_config_is_error_7_and_calls_nothing() {
         let d = FakeDelegates::ok("");
         let r = run(
             &env(Command::Add),
@@ -514,7 +514,7 @@ mod tests {
         );
         assert_eq!(r.exit, 1);
         let v: Value = serde_json::from_slice(&r.stdout).expect("json");
-        assert_eq!(v["code"], 4);
+        assert_eq!(v["code"], 7);
         assert!(v["msg"].as_str().is_some_and(|s| s.contains("deviceIndex")));
         assert!(d.calls.borrow().is_empty());
     }

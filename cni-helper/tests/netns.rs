@@ -166,7 +166,7 @@ fn bad_configs_fail_cleanly() {
         .expect("object")
         .remove("deviceIndex");
     let e = node.cni("ADD", &missing, &pod).err();
-    assert_eq!(e["code"], 4, "{e}");
+    assert_eq!(e["code"], 7, "{e}");
     assert!(
         e["msg"].as_str().is_some_and(|m| m.contains("deviceIndex")),
         "{e}"
@@ -175,7 +175,7 @@ fn bad_configs_fail_cleanly() {
     let mut unknown = good.clone();
     unknown["delegate"]["type"] = json!("bridge");
     let e = node.cni("ADD", &unknown, &pod).err();
-    assert_eq!(e["code"], 4, "{e}");
+    assert_eq!(e["code"], 7, "{e}");
     assert!(
         e["msg"].as_str().is_some_and(|m| m.contains("\"bridge\"")),
         "{e}"
@@ -199,7 +199,7 @@ fn bad_configs_fail_cleanly() {
             &pod,
         )
         .err();
-    assert_eq!(e["code"], 4, "{e}");
+    assert_eq!(e["code"], 7, "{e}");
 
     // Nothing left behind.
     assert_eq!(pod.links(), vec!["lo"]);
