@@ -63,7 +63,7 @@ pub fn format_mac(bytes: &[u8]) -> String {
 
 /// The attachments of `node` in `nodeenis` that are attached and have a MAC address.
 /// MTU: the attachment's, else the spec's, else `default_mtu`. DPDK settings come from
-/// the attachment, falling back to the spec.
+/// the spec only.
 pub fn desired_from_nodeenis<'a>(
     nodeenis: impl IntoIterator<Item = &'a NodeENI>,
     node: &str,
@@ -88,19 +88,12 @@ pub fn desired_from_nodeenis<'a>(
                 .and_then(|m| u32::try_from(m).ok())
                 .filter(|m| *m > 0)
                 .unwrap_or(default_mtu);
-            let dpdk = (a.dpdk_enabled || ne.spec.dpdk()).then(|| DpdkWant {
-                driver: a
-                    .dpdk_driver
-                    .clone()
-                    .unwrap_or_else(|| ne.spec.dpdk_driver().to_string()),
-                resource_name: a
-                    .dpdk_resource_name
-                    .clone()
-                    .unwrap_or_else(|| ne.spec.dpdk_resource_name().to_string()),
-                pci_address: a
-                    .dpdk_pci_address
-                    .clone()
-                    .or_else(|| ne.spec.dpdk_pci_address.clone()),
+            // DPDK settings from the spec only: any node daemon may write status (its own
+            // report), so status must not decide what another node binds.
+            let dpdk = ne.spec.dpdk().then(|| DpdkWant {
+                driver: ne.spec.dpdk_driver().to_string(),
+                resource_name: ne.spec.dpdk_resource_name().to_string(),
+                pci_address: ne.spec.dpdk_pci_address.clone(),
             });
             out.push(Desired {
                 node_eni: name.to_string(),
@@ -861,12 +854,32 @@ mod tests {
         assert_eq!(d[0].mtu, 1500);
         assert_eq!(d[0].dpdk, None);
         assert_eq!(d[1].mtu, 9000);
+        // DPDK fields in the status do not turn DPDK on: the spec says off.
+        assert_eq!(d[1].dpdk, None);
+    }
+
+    #[test]
+    fn dpdk_settings_come_from_the_spec_never_from_status() {
+        // Status is writable by every node daemon; only the spec may say what to bind.
+        let ne: NodeENI = serde_json::from_value(serde_json::json!({
+            "apiVersion": "networking.k8s.aws/v1alpha1", "kind": "NodeENI",
+            "metadata": {"name": "dpdk"},
+            "spec": {"nodeSelector": {}, "dpdkEnabled": true, "dpdkDriver": "vfio-pci",
+                     "dpdkResourceName": "intel.com/intel_sriov_netdevice"},
+            "status": {"attachments": [
+                {"nodeID": "n1", "instanceID": "i-1", "eniID": "eni-b", "macAddress": "02:aa:00:00:00:02",
+                 "deviceIndex": 3, "status": "Attached", "dpdkEnabled": true, "dpdkDriver": "uio_pci_generic",
+                 "dpdkResourceName": "evil.io/root-disk", "dpdkPCIAddress": "0000:00:04.0"}
+            ]}
+        }))
+        .expect("nodeeni");
+        let d = desired_from_nodeenis([&ne], "n1", 9001);
         assert_eq!(
-            d[1].dpdk,
+            d[0].dpdk,
             Some(DpdkWant {
                 driver: "vfio-pci".into(),
-                resource_name: "x.io/y".into(),
-                pci_address: Some("0000:00:08.0".into())
+                resource_name: "intel.com/intel_sriov_netdevice".into(),
+                pci_address: None,
             })
         );
     }

@@ -51,6 +51,20 @@ async fn set_attachments(client: &Client, name: &str, attachments: serde_json::V
     .expect("patch status");
 }
 
+async fn set_spec_dpdk(client: &Client, name: &str, on: bool) {
+    let api: Api<NodeENI> = Api::all(client.clone());
+    api.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"spec": {
+            "dpdkEnabled": on, "dpdkDriver": "vfio-pci",
+            "dpdkResourceName": "intel.com/intel_sriov_netdevice"
+        }})),
+    )
+    .await
+    .expect("patch spec");
+}
+
 fn attachment(node: &str, eni: &str, mac: &str, index: i32, mtu: Option<i32>) -> serde_json::Value {
     let mut a = serde_json::json!({
         "nodeID": node, "instanceID": "i-0123456789abcdef0", "eniID": eni,
@@ -361,6 +375,8 @@ async fn dpdk_eni_found_by_mac_is_bound_and_reported() {
     a["dpdkDriver"] = "vfio-pci".into();
     a["dpdkResourceName"] = "intel.com/intel_sriov_netdevice".into();
     nodeeni_with_attachments(&client, &name, serde_json::json!([a])).await;
+    // DPDK is the spec's decision (the daemon ignores the DPDK fields of the status).
+    set_spec_dpdk(&client, &name, true).await;
 
     let mut mgr = Manager::start(
         &server.kubeconfig,
@@ -417,6 +433,7 @@ async fn dpdk_eni_found_by_mac_is_bound_and_reported() {
     let mut a = attachment(&node, "eni-0ccccccccccccccc1", mac, 2, None);
     a["dpdkEnabled"] = false.into();
     set_attachments(&client, &name, serde_json::json!([a])).await;
+    set_spec_dpdk(&client, &name, false).await;
     let back = poll(Duration::from_secs(5), || {
         std::fs::read_link(tree.path("bus/pci/devices/0000:00:07.0/driver"))
             .ok()
