@@ -18,11 +18,12 @@ use std::process::{Command, Stdio};
 
 use eni_api::{NodeENI, NodeENISpec};
 use eni_testkit::{ApiServer, peer};
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
 };
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Container, Node, Pod, PodSpec, ServiceAccount};
 use kube::Client;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
@@ -851,8 +852,10 @@ async fn node_service_account_writes_status_but_cannot_change_nodeenis() {
     )
     .await;
 
-    // Real calls, as the daemon makes them: server-side apply of its own report entry.
-    let nodeenis: Api<NodeENI> = Api::all(sa.clone());
+    // Real calls, as the daemon makes them: server-side apply of its own report entry, with
+    // the token of a pod on node-a (the chart's admission policy needs the node name in it).
+    let node_a = node_daemon_client(api, "node-a").await;
+    let nodeenis: Api<NodeENI> = Api::all(node_a);
     let report = json!({
         "apiVersion": "networking.k8s.aws/v1alpha1",
         "kind": "NodeENI",
@@ -876,6 +879,7 @@ async fn node_service_account_writes_status_but_cannot_change_nodeenis() {
     assert_eq!(reports[0].node_name, "node-a");
 
     // ... but not the spec, the finalizers, or the object's existence.
+    let nodeenis: Api<NodeENI> = Api::all(sa.clone());
     for (what, patch) in [
         ("spec", json!({"spec": {"deviceIndex": 5}})),
         ("finalizers", json!({"metadata": {"finalizers": []}})),
@@ -895,4 +899,244 @@ async fn node_service_account_writes_status_but_cannot_change_nodeenis() {
     );
     let spec = admin_api.get(name).await.expect("get").spec;
     assert_eq!(spec.device_index, 2, "the spec changed");
+}
+
+/// A client for the node daemon on `node`: a Node, an eni-manager Pod bound to it (no
+/// scheduler here: `nodeName` set directly), and a service account token requested for that
+/// Pod, as the kubelet would project it. The apiserver then puts the node name into the
+/// token's user info (`authentication.kubernetes.io/node-name`).
+async fn node_daemon_client(api: &ApiServer, node: &str) -> Client {
+    let admin = api.client().await.expect("admin client");
+    let nodes: Api<Node> = Api::all(admin.clone());
+    let mut n = Node::default();
+    n.metadata.name = Some(node.into());
+    match nodes.create(&PostParams::default(), &n).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        Err(e) => panic!("cannot create Node {node}: {e}"),
+    }
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), NAMESPACE);
+    let pod_name = format!("eni-manager-{node}");
+    let pod = Pod {
+        metadata: kube::api::ObjectMeta {
+            name: Some(pod_name.clone()),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            node_name: Some(node.into()),
+            service_account_name: Some("eni-manager".into()),
+            containers: vec![Container {
+                name: "eni-manager".into(),
+                image: Some("eni-manager:test".into()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let pod = match pods.create(&PostParams::default(), &pod).await {
+        Ok(p) => p,
+        Err(kube::Error::Api(s)) if s.code == 409 => pods.get(&pod_name).await.expect("get pod"),
+        Err(e) => panic!("cannot create Pod {pod_name}: {e}"),
+    };
+    let sas: Api<ServiceAccount> = Api::namespaced(admin, NAMESPACE);
+    let req = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            bound_object_ref: Some(BoundObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: Some(pod_name.clone()),
+                uid: pod.metadata.uid.clone(),
+            }),
+            expiration_seconds: Some(3600),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let token = sas
+        .create_token_request("eni-manager", &PostParams::default(), &req)
+        .await
+        .expect("TokenRequest for the eni-manager service account")
+        .status
+        .expect("token status")
+        .token
+        .expect("token");
+    api.with_token(&token).await.expect("token client")
+}
+
+fn report_for(name: &str, node: &str, eni: &str) -> serde_json::Value {
+    json!({
+        "apiVersion": "networking.k8s.aws/v1alpha1",
+        "kind": "NodeENI",
+        "metadata": {"name": name},
+        "status": {"nodeReports": [{
+            "nodeName": node,
+            "interfaces": [{"eniID": eni, "macAddress": "02:00:00:00:00:01", "deviceIndex": 2}]
+        }]}
+    })
+}
+
+fn forbidden_by_policy(res: &Result<NodeENI, kube::Error>) -> bool {
+    matches!(res, Err(kube::Error::Api(s))
+        if s.code == 403 && s.message.contains("aws-multi-eni-node-reports"))
+}
+
+#[tokio::test]
+#[ignore = "integration: needs helm, kubectl, etcd and kube-apiserver from hack/peers.sh"]
+async fn node_daemons_change_only_their_own_node_report() {
+    let api = cluster().await;
+    let admin: Api<NodeENI> = Api::all(api.client().await.expect("admin client"));
+    let name = "chart-own-report";
+    match admin
+        .create(&PostParams::default(), &test_nodeeni(name))
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        Err(e) => panic!("cannot create the test NodeENI: {e}"),
+    }
+    let a: Api<NodeENI> = Api::all(node_daemon_client(api, "own-node-a").await);
+    let b: Api<NodeENI> = Api::all(node_daemon_client(api, "own-node-b").await);
+    let apply = |who: &'static str| PatchParams::apply(who).force();
+
+    // Each daemon writes its own entry, as eni-manager does (server-side apply).
+    a.patch_status(
+        name,
+        &apply("eni-manager-a"),
+        &Patch::Apply(report_for(name, "own-node-a", "eni-a1")),
+    )
+    .await
+    .expect("node a writes its own report");
+    b.patch_status(
+        name,
+        &apply("eni-manager-b"),
+        &Patch::Apply(report_for(name, "own-node-b", "eni-b1")),
+    )
+    .await
+    .expect("node b writes its own report");
+    a.patch_status(
+        name,
+        &apply("eni-manager-a"),
+        &Patch::Apply(report_for(name, "own-node-a", "eni-a2")),
+    )
+    .await
+    .expect("node a updates its own report");
+
+    // Node a cannot write, replace or remove node b's entry, nor touch the rest of the status.
+    let res = a
+        .patch_status(
+            name,
+            &apply("eni-manager-a"),
+            &Patch::Apply(report_for(name, "own-node-b", "eni-forged")),
+        )
+        .await;
+    assert!(forbidden_by_policy(&res), "node a wrote b's entry: {res:?}");
+    let res = a
+        .patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"nodeReports": [
+                {"nodeName": "own-node-a", "interfaces": []}]}})),
+        )
+        .await;
+    assert!(
+        forbidden_by_policy(&res),
+        "node a dropped b's entry: {res:?}"
+    );
+    let res = a
+        .patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"desiredAttachments": 7, "attachments": [{
+                "nodeID": "own-node-b", "instanceID": "i-0", "eniID": "eni-x",
+                "attachmentID": "eni-attach-x", "subnetID": "subnet-x", "deviceIndex": 2,
+                "status": "Attached", "dpdkEnabled": true}]}})),
+        )
+        .await;
+    assert!(
+        forbidden_by_policy(&res),
+        "node a changed the controller's status: {res:?}"
+    );
+
+    // The service account without a pod-bound token (so no node name) writes nothing.
+    let unbound = {
+        let sas: Api<ServiceAccount> =
+            Api::namespaced(api.client().await.expect("admin client"), NAMESPACE);
+        let token = sas
+            .create_token_request(
+                "eni-manager",
+                &PostParams::default(),
+                &TokenRequest::default(),
+            )
+            .await
+            .expect("unbound TokenRequest")
+            .status
+            .expect("token status")
+            .token
+            .expect("token");
+        Api::<NodeENI>::all(api.with_token(&token).await.expect("token client"))
+    };
+    let res = unbound
+        .patch_status(
+            name,
+            &apply("eni-manager-a"),
+            &Patch::Apply(report_for(name, "own-node-a", "eni-a3")),
+        )
+        .await;
+    assert!(
+        forbidden_by_policy(&res),
+        "an unbound token wrote a report: {res:?}"
+    );
+
+    let reports = admin
+        .get(name)
+        .await
+        .expect("get")
+        .status
+        .expect("status")
+        .node_reports;
+    let by_node: BTreeMap<_, _> = reports
+        .iter()
+        .map(|r| (r.node_name.as_str(), r.interfaces[0].eni_id.as_str()))
+        .collect();
+    assert_eq!(
+        by_node,
+        BTreeMap::from([("own-node-a", "eni-a2"), ("own-node-b", "eni-b1")])
+    );
+}
+
+#[test]
+#[ignore = "integration: needs helm from hack/peers.sh"]
+fn node_reports_policy_guards_every_other_status_field() {
+    // A status field added to the CRD later must be added to the policy too.
+    let crd: serde_json::Value = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(format!(
+            "{}/crds/nodeenis.networking.k8s.aws.yaml",
+            chart("aws-multi-eni-controller")
+        ))
+        .expect("read the CRD"),
+    )
+    .expect("CRD YAML");
+    let fields = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+        ["properties"]
+        .as_object()
+        .expect("status properties")
+        .keys()
+        .filter(|k| *k != "nodeReports")
+        .cloned()
+        .collect::<Vec<_>>();
+    assert!(fields.len() >= 7, "{fields:?}");
+    let docs = documents(&render(&variants()[2]));
+    let policy = find(
+        &docs,
+        "ValidatingAdmissionPolicy",
+        "aws-multi-eni-node-reports",
+    );
+    let text = policy["spec"]["validations"].to_string();
+    for f in fields {
+        assert!(
+            text.contains(&format!("oldObject.?status.?{f}.")),
+            "status.{f} is not guarded by the node reports policy: {text}"
+        );
+    }
 }

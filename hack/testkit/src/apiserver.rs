@@ -208,6 +208,17 @@ impl ApiServer {
         Ok(Client::try_from(config)?)
     }
 
+    /// A client that authenticates with a bearer `token` only (for example a service
+    /// account token from a TokenRequest), as a pod would.
+    pub async fn with_token(&self, token: &str) -> Result<Client, Error> {
+        let mut config = self.config().await?;
+        config.auth_info = kube::config::AuthInfo {
+            token: Some(token.to_string().into()),
+            ..Default::default()
+        };
+        Ok(Client::try_from(config)?)
+    }
+
     /// Directory holding the logs, certificates and etcd data.
     pub fn dir(&self) -> &Path {
         self.dir.path()
