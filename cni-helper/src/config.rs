@@ -2,14 +2,13 @@
 //!
 //! Everything here is pure (no I/O), so it is unit tested and fuzzed.
 
-use std::path::PathBuf;
-
 use serde_json::{Map, Value};
 
 use crate::cni::{self, CniCode};
 
-/// Default directory of the node daemon's state file.
-pub const DEFAULT_STATE_DIR: &str = "/run/aws-multi-eni";
+/// Keys older configs had that belong to the node-local config file
+/// ([`crate::nodeconf`]) and are refused in a network config.
+pub const NODE_LOCAL_KEYS: [&str; 2] = ["stateDir", "imdsEndpoint"];
 /// Largest device / network card index accepted (EC2 uses far smaller ones).
 pub const MAX_INDEX: u64 = 255;
 
@@ -51,6 +50,12 @@ pub enum ConfigError {
         "delegate.type {0:?} is not supported: cni-helper fills \"master\" for ipvlan and macvlan and \"device\"/\"pciBusID\" for host-device"
     )]
     UnsupportedDelegate(String),
+    /// A node-local setting in the network config.
+    #[error(
+        "network config: \"{0}\" cannot be set in a network config (NetworkAttachmentDefinition); it is node-local: set it in {path} on the node",
+        path = crate::nodeconf::DEFAULT_PATH
+    )]
+    NodeLocal(&'static str),
     /// The delegate sets a field cni-helper owns.
     #[error(
         "delegate.{field} must not be set: cni-helper fills it from deviceIndex {device_index}"
@@ -125,10 +130,6 @@ pub struct NetConf {
     pub device_index: u64,
     /// `networkCardIndex` (default 0).
     pub network_card_index: u64,
-    /// `stateDir` (default [`DEFAULT_STATE_DIR`]).
-    pub state_dir: Option<PathBuf>,
-    /// `imdsEndpoint`.
-    pub imds_endpoint: Option<String>,
     /// The delegate's kind.
     pub kind: DelegateKind,
     /// The delegate's config object, as the user wrote it.
@@ -170,15 +171,13 @@ impl NetConf {
             None | Some(Value::Null) => 0,
             Some(v) => index(v, "networkCardIndex")?,
         };
-        let state_dir = optional_str(&obj, "stateDir")?.map(PathBuf::from);
-        if let Some(dir) = &state_dir
-            && !dir.is_absolute()
-        {
-            return Err(invalid("stateDir", "must be an absolute path"));
-        }
-        let imds_endpoint = optional_str(&obj, "imdsEndpoint")?;
-        if let Some(ep) = &imds_endpoint {
-            crate::imds::Endpoint::parse(ep).map_err(|e| invalid("imdsEndpoint", e.to_string()))?;
+        // Where the node's ENIs are looked up is the node's business: a NAD that could
+        // point resolution at files or servers its author controls could hand a pod any
+        // interface of the node.
+        for field in NODE_LOCAL_KEYS {
+            if obj.contains_key(field) {
+                return Err(ConfigError::NodeLocal(field));
+            }
         }
 
         let delegate = match obj.get("delegate") {
@@ -239,20 +238,11 @@ impl NetConf {
             name,
             device_index,
             network_card_index,
-            state_dir,
-            imds_endpoint,
             kind,
             delegate,
             passthrough,
             allocated_device,
         })
-    }
-
-    /// The state directory to read, honouring the default.
-    pub fn state_dir(&self) -> PathBuf {
-        self.state_dir
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR))
     }
 
     /// Builds the delegate's config for a resolved ENI (`None`: not resolvable, DEL only).
@@ -417,7 +407,6 @@ mod tests {
         assert_eq!(c.device_index, 2);
         assert_eq!(c.network_card_index, 0);
         assert_eq!(c.kind, DelegateKind::Ipvlan);
-        assert_eq!(c.state_dir(), PathBuf::from(DEFAULT_STATE_DIR));
         assert!(c.passthrough.is_empty());
     }
 
@@ -425,14 +414,10 @@ mod tests {
     fn parses_all_fields() {
         let mut v = base();
         v["networkCardIndex"] = json!(1);
-        v["stateDir"] = json!("/tmp/x");
-        v["imdsEndpoint"] = json!("http://127.0.0.1:8080");
         v["runtimeConfig"] = json!({"deviceID": "0000:00:07.0"});
         v["prevResult"] = json!({"cniVersion": "1.0.0"});
         let c = conf(v).expect("valid");
         assert_eq!(c.network_card_index, 1);
-        assert_eq!(c.state_dir(), PathBuf::from("/tmp/x"));
-        assert_eq!(c.imds_endpoint.as_deref(), Some("http://127.0.0.1:8080"));
         assert_eq!(c.passthrough.len(), 2);
     }
 
@@ -546,24 +531,24 @@ mod tests {
         assert_eq!(e.code(), CniCode::DecodeFailure);
         let e = NetConf::parse(b"[]").expect_err("invalid");
         assert_eq!(e.code(), CniCode::DecodeFailure);
-        let mut v = base();
-        v["stateDir"] = json!("relative/dir");
-        assert!(matches!(
-            conf(v),
-            Err(ConfigError::Invalid {
-                field: "stateDir",
-                ..
-            })
-        ));
-        let mut v = base();
-        v["imdsEndpoint"] = json!("https://169.254.169.254");
-        assert!(matches!(
-            conf(v),
-            Err(ConfigError::Invalid {
-                field: "imdsEndpoint",
-                ..
-            })
-        ));
+    }
+
+    #[test]
+    fn state_dir_and_imds_endpoint_are_node_local_not_nad_settings() {
+        // A NAD author must not be able to point resolution at files or servers they
+        // control (it could map the ENI's index to the node's primary interface).
+        for (field, value) in [
+            ("stateDir", json!("/var/lib/kubelet/pods/x/volumes/evil")),
+            ("stateDir", json!("/run/aws-multi-eni")),
+            ("imdsEndpoint", json!("http://10.0.0.66")),
+        ] {
+            let mut v = base();
+            v[field] = value;
+            let e = conf(v).expect_err("node-local");
+            assert!(matches!(e, ConfigError::NodeLocal(f) if f == field), "{e}");
+            assert_eq!(e.code(), CniCode::InvalidConfig);
+            assert!(e.to_string().contains(crate::nodeconf::DEFAULT_PATH), "{e}");
+        }
     }
 
     #[test]

@@ -6,12 +6,14 @@
 //!   [`imds::Metadata`] and [`sysfs::NetDevices`] traits.
 //! * [`plugin`]: the CNI commands, delegating through [`exec::Delegates`].
 //! * [`nad`]: NetworkAttachmentDefinition generation for the CLI.
+//! * [`nodeconf`]: the node-local config (state dir, IMDS endpoint).
 
 pub mod cni;
 pub mod config;
 pub mod exec;
 pub mod imds;
 pub mod nad;
+pub mod nodeconf;
 pub mod plugin;
 pub mod resolve;
 pub mod state;
@@ -47,9 +49,10 @@ pub fn resolver(
     }
 }
 
-/// The resolver for a parsed config.
-pub fn resolver_for(conf: &config::NetConf) -> Box<dyn ResolveEni> {
-    Box::new(resolver(&conf.state_dir(), conf.imds_endpoint.as_deref()))
+/// The resolver for this node: the state dir and IMDS endpoint come from the node-local
+/// config ([`nodeconf`]), never from the network config.
+pub fn resolver_for(node: &nodeconf::NodeConfig) -> Box<dyn ResolveEni> {
+    Box::new(resolver(&node.state_dir, node.imds_endpoint.as_deref()))
 }
 
 /// IMDS, or why it cannot be used.

@@ -9,10 +9,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use cni_helper::cni::{CniCode, CniEnv, CniError};
-use cni_helper::config::{DEFAULT_STATE_DIR, DelegateKind, Target};
+use cni_helper::config::{DelegateKind, Target};
 use cni_helper::exec::CniPath;
 use cni_helper::nad::{HostLocal, NadSpec};
-use cni_helper::{cni, plugin};
+use cni_helper::{cni, nodeconf, plugin};
+use eni_state::DEFAULT_STATE_DIR;
 
 /// Resolve an AWS ENI device index to this node's interface (or PCI address).
 ///
@@ -133,8 +134,16 @@ fn cni_main() -> ExitCode {
             format!("reading stdin: {e}"),
         )),
         (Ok(env), Ok(_)) => {
-            let delegates = CniPath::new(env.path.clone());
-            plugin::run(&env, &stdin, &cni_helper::resolver_for, &delegates)
+            let path = nodeconf::path_from(std::env::var(nodeconf::PATH_ENV).ok().as_deref());
+            match nodeconf::load(&path) {
+                Err(e) => error_reply(&CniError::new(CniCode::InvalidConfig, e.to_string())),
+                Ok(node) => {
+                    let delegates = CniPath::new(env.path.clone());
+                    let resolver =
+                        |_: &cni_helper::config::NetConf| cni_helper::resolver_for(&node);
+                    plugin::run(&env, &stdin, &resolver, &delegates)
+                }
+            }
         }
     };
     for line in &reply.log {

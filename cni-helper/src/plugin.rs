@@ -18,6 +18,10 @@ pub trait ResolveEni {
         device_index: u64,
         network_card_index: u64,
     ) -> Result<Resolution, ResolveError>;
+
+    /// Refuses a target that is the node's primary interface (see
+    /// [`crate::resolve::Resolver::refuse_primary`]).
+    fn refuse_primary(&self, target: &Target) -> Result<(), String>;
 }
 
 impl<S, M, N> ResolveEni for crate::resolve::Resolver<S, M, N>
@@ -32,6 +36,10 @@ where
         network_card_index: u64,
     ) -> Result<Resolution, ResolveError> {
         self.resolve(device_index, network_card_index)
+    }
+
+    fn refuse_primary(&self, target: &Target) -> Result<(), String> {
+        crate::resolve::Resolver::refuse_primary(self, target)
     }
 }
 
@@ -173,6 +181,16 @@ fn add(
         return Err(CniError::new(
             CniCode::TryAgainLater,
             format!("ENI {target} has no usable interface"),
+        ));
+    }
+    // host-device moves the device into the pod: never the node's own uplink, whatever
+    // the config (or a device named in it) says.
+    if conf.kind == DelegateKind::HostDevice
+        && let Err(why) = resolver.refuse_primary(&target)
+    {
+        return Err(CniError::new(
+            CniCode::EniUnusable,
+            format!("refusing to move {target} into the pod: {why}"),
         ));
     }
     let cfg = conf
@@ -691,6 +709,59 @@ mod tests {
         );
         assert_eq!(r.exit, 0, "{}", String::from_utf8_lossy(&r.stdout));
         assert_eq!(d.calls.borrow()[0].2["pciBusID"], "0000:00:09.0");
+    }
+
+    #[test]
+    fn a_device_named_in_the_config_is_never_the_primary_eni() {
+        // deviceIndex 2 passes the config's index-0 check; the top-level pciBusID and
+        // deviceID (which Multus also writes) name the PCI device behind the uplink.
+        let resolver = |_: &NetConf| -> Box<dyn ResolveEni> {
+            Box::new(Resolver {
+                state: StubState(Some(STATE)),
+                metadata: None::<StubImds>,
+                netdevs: StubNode {
+                    links: vec![("02:00:00:00:00:01", "ens5"), ("02:00:00:00:00:02", "ens7")],
+                    routes: vec!["ens5"],
+                    pci: vec![("0000:00:05.0", "ens5")],
+                    routes_unreadable: false,
+                },
+            })
+        };
+        for extra in [
+            json!({"pciBusID": "0000:00:05.0"}),
+            json!({"deviceID": "0000:00:05.0"}),
+            json!({"runtimeConfig": {"deviceID": "0000:00:05.0"}}),
+        ] {
+            let mut v = json!({"cniVersion": "1.0.0", "name": "eni", "deviceIndex": 2,
+                               "delegate": {"type": "host-device"}});
+            if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+                o.extend(e.clone());
+            }
+            let d = FakeDelegates::ok("{}");
+            let r = run(&env(Command::Add), v.to_string().as_bytes(), &resolver, &d);
+            let out: Value = serde_json::from_slice(&r.stdout).expect("json");
+            assert_eq!(out["code"], 102, "{extra}: {out}");
+            assert!(
+                out["msg"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("default route")),
+                "{out}"
+            );
+            assert!(
+                d.calls.borrow().is_empty(),
+                "host-device was called: {extra}"
+            );
+        }
+        // The state file's own answer for a host-device config still works.
+        let d = FakeDelegates::ok("{}");
+        let r = run(
+            &env(Command::Add),
+            &config(json!({"type": "host-device"})),
+            &resolver,
+            &d,
+        );
+        assert_eq!(r.exit, 0, "{}", String::from_utf8_lossy(&r.stdout));
+        assert_eq!(d.calls.borrow()[0].2["device"], "ens7");
     }
 
     #[test]

@@ -193,6 +193,78 @@ impl<S: StateSource, M: Metadata, N: NetDevices> Resolver<S, M, N> {
     }
 }
 
+impl<S: StateSource, M: Metadata, N: NetDevices> Resolver<S, M, N> {
+    /// Refuses a target that would hand the pod the node's primary interface: the one
+    /// carrying a default route, or the ENI at device index 0 (by MAC, from IMDS and the
+    /// state file; by PCI address, from the state file). For a PCI address, the check
+    /// covers the device's network interfaces. Fails closed when the routes cannot be read.
+    ///
+    /// This runs on whatever the target came from: the state file, IMDS, or a device
+    /// named in the network config (`pciBusID`, `deviceID`, `runtimeConfig.deviceID`).
+    pub fn refuse_primary(&self, target: &Target) -> Result<(), String> {
+        let (names, pci) = match target {
+            Target::Netdev(n) => (vec![n.clone()], None),
+            Target::Pci(p) => (
+                self.netdevs
+                    .pci_netdevs(p)
+                    .map_err(|e| format!("cannot list the interfaces of PCI device {p}: {e}"))?,
+                Some(p.as_str()),
+            ),
+            Target::Mac(_) => return Ok(()),
+        };
+        let routes = self.netdevs.default_route_interfaces().map_err(|e| {
+            format!("cannot read this node's default routes to protect the primary interface: {e}")
+        })?;
+        let what = |n: &str| match pci {
+            Some(p) => format!("PCI device {p} is interface {n}, which"),
+            None => format!("interface {n}"),
+        };
+        if let Some(n) = names.iter().find(|n| routes.contains(*n)) {
+            return Err(format!(
+                "{} carries the node's default route (the primary ENI); it is never moved into a pod",
+                what(n)
+            ));
+        }
+        let state = self.state.load().ok();
+        let state_primary = state
+            .iter()
+            .flat_map(|s| s.enis.iter())
+            .filter(|e| e.device_index == 0);
+        let mut primary_macs: Vec<String> = Vec::new();
+        for e in state_primary {
+            if let (Some(p), Some(want)) = (pci, e.pci_address.as_deref())
+                && p.eq_ignore_ascii_case(want)
+            {
+                return Err(format!(
+                    "PCI device {p} is the ENI at device index 0 (the primary ENI); it is never moved into a pod"
+                ));
+            }
+            if !e.mac_address.is_empty() {
+                primary_macs.push(normalize_mac(&e.mac_address));
+            }
+        }
+        if names.is_empty() {
+            return Ok(());
+        }
+        if let Some(md) = &self.metadata
+            && let Ok((Some(eni), _)) = md.find(0, 0)
+        {
+            primary_macs.push(normalize_mac(&eni.mac));
+        }
+        for n in &names {
+            if let Some(mac) = self.netdevs.mac_of(n)
+                && primary_macs.contains(&mac)
+            {
+                return Err(format!(
+                    "{} has MAC {mac}, the ENI at device index 0 (the primary ENI); it is never moved into a pod",
+                    what(n)
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod stubs {
     //! In-memory stand-ins for the I/O traits.
@@ -200,6 +272,7 @@ pub(crate) mod stubs {
     use crate::state::{NodeState, StateError, StateSource};
     use crate::sysfs::NetDevices;
     use std::cell::Cell;
+    use std::collections::BTreeSet;
 
     /// State from a string (None: no file).
     #[derive(Debug)]
@@ -239,12 +312,25 @@ pub(crate) mod stubs {
         }
     }
 
-    /// Interfaces from (mac, name) pairs.
+    /// Interfaces from (mac, name) pairs; `eth0` carries the default route and no PCI
+    /// device has interfaces, unless a [`StubNode`] says otherwise.
     #[derive(Debug)]
     pub struct StubNet(pub Vec<(&'static str, &'static str)>);
     impl NetDevices for StubNet {
         fn describe(&self) -> String {
             "interfaces in /stub".into()
+        }
+        fn default_route_interfaces(&self) -> std::io::Result<BTreeSet<String>> {
+            Ok(BTreeSet::from(["eth0".to_owned()]))
+        }
+        fn pci_netdevs(&self, _pci: &str) -> std::io::Result<Vec<String>> {
+            Ok(Vec::new())
+        }
+        fn mac_of(&self, name: &str) -> Option<String> {
+            self.0
+                .iter()
+                .find(|(_, n)| *n == name)
+                .map(|(m, _)| m.to_ascii_lowercase())
         }
         fn by_mac(&self, mac: &str) -> std::io::Result<Option<String>> {
             Ok(self
@@ -252,6 +338,41 @@ pub(crate) mod stubs {
                 .iter()
                 .find(|(m, _)| m.eq_ignore_ascii_case(mac))
                 .map(|(_, n)| (*n).to_owned()))
+        }
+    }
+
+    /// A node: interfaces (mac, name), the ones with a default route, and PCI devices with
+    /// their interfaces.
+    #[derive(Debug, Default)]
+    pub struct StubNode {
+        pub links: Vec<(&'static str, &'static str)>,
+        pub routes: Vec<&'static str>,
+        pub pci: Vec<(&'static str, &'static str)>,
+        pub routes_unreadable: bool,
+    }
+    impl NetDevices for StubNode {
+        fn describe(&self) -> String {
+            "interfaces in /stub".into()
+        }
+        fn by_mac(&self, mac: &str) -> std::io::Result<Option<String>> {
+            StubNet(self.links.clone()).by_mac(mac)
+        }
+        fn default_route_interfaces(&self) -> std::io::Result<BTreeSet<String>> {
+            if self.routes_unreadable {
+                return Err(std::io::Error::other("no /proc/net/route"));
+            }
+            Ok(self.routes.iter().map(|r| (*r).to_owned()).collect())
+        }
+        fn pci_netdevs(&self, pci: &str) -> std::io::Result<Vec<String>> {
+            Ok(self
+                .pci
+                .iter()
+                .filter(|(p, _)| *p == pci)
+                .map(|(_, n)| (*n).to_owned())
+                .collect())
+        }
+        fn mac_of(&self, name: &str) -> Option<String> {
+            StubNet(self.links.clone()).mac_of(name)
         }
     }
 }
@@ -339,6 +460,88 @@ mod tests {
         assert_eq!(c.code, CniCode::TryAgainLater);
         assert!(c.msg.contains("device index 9"), "{}", c.msg);
         assert!(c.details.contains("IMDS at http://stub"), "{}", c.details);
+    }
+
+    fn node() -> StubNode {
+        StubNode {
+            links: vec![
+                ("02:00:00:00:00:01", "ens5"),
+                ("02:00:00:00:00:02", "ens7"),
+                ("02:00:00:00:00:09", "ens9"),
+            ],
+            routes: vec!["ens5"],
+            pci: vec![("0000:00:05.0", "ens5"), ("0000:00:09.0", "ens9")],
+            routes_unreadable: false,
+        }
+    }
+
+    #[test]
+    fn the_primary_interface_is_never_a_target() {
+        // IMDS: the primary ENI (device-number 0) is ens9's MAC... as on an instance
+        // whose default route runs elsewhere; ens5 carries the default route.
+        let primary = StubImds(
+            vec![ImdsEni {
+                mac: "02:00:00:00:00:09".into(),
+                device_number: 0,
+                network_card_index: 0,
+            }],
+            Default::default(),
+        );
+        let r = Resolver {
+            state: StubState(Some(STATE)),
+            metadata: Some(primary),
+            netdevs: node(),
+        };
+        let e = r
+            .refuse_primary(&Target::Netdev("ens5".into()))
+            .expect_err("default route");
+        assert!(e.contains("default route"), "{e}");
+        let e = r
+            .refuse_primary(&Target::Pci("0000:00:05.0".into()))
+            .expect_err("default route, by PCI");
+        assert!(e.contains("0000:00:05.0") && e.contains("ens5"), "{e}");
+        let e = r
+            .refuse_primary(&Target::Netdev("ens9".into()))
+            .expect_err("device index 0");
+        assert!(e.contains("device index 0"), "{e}");
+        let e = r
+            .refuse_primary(&Target::Pci("0000:00:09.0".into()))
+            .expect_err("device index 0, by PCI");
+        assert!(e.contains("device index 0"), "{e}");
+        // An ordinary ENI, a vfio-bound device and a MAC-only target pass.
+        r.refuse_primary(&Target::Netdev("ens7".into()))
+            .expect("ordinary ENI");
+        r.refuse_primary(&Target::Pci("0000:00:08.0".into()))
+            .expect("no netdev");
+        r.refuse_primary(&Target::Mac("02:00:00:00:00:01".into()))
+            .expect("CHECK/DEL only");
+    }
+
+    #[test]
+    fn index_0_in_the_state_file_and_unreadable_routes_refuse() {
+        const PRIMARY: &str = r#"{"version":1,"node":"n","enis":[
+            {"eniID":"eni-p","macAddress":"02:00:00:00:00:02","deviceIndex":0,"pciAddress":"0000:00:03.0"}]}"#;
+        let r = Resolver {
+            state: StubState(Some(PRIMARY)),
+            metadata: None::<StubImds>,
+            netdevs: node(),
+        };
+        assert!(r.refuse_primary(&Target::Netdev("ens7".into())).is_err());
+        assert!(
+            r.refuse_primary(&Target::Pci("0000:00:03.0".into()))
+                .is_err()
+        );
+        let mut n = node();
+        n.routes_unreadable = true;
+        let r = Resolver {
+            state: StubState(None),
+            metadata: None::<StubImds>,
+            netdevs: n,
+        };
+        let e = r
+            .refuse_primary(&Target::Netdev("ens7".into()))
+            .expect_err("fails closed");
+        assert!(e.contains("default routes"), "{e}");
     }
 
     #[test]

@@ -343,6 +343,7 @@ fn cnitool_drives_the_plugin() {
                 format!("{}:{DEBIAN_CNI_DIR}", plugin_dir.path().display()),
             )
             .env("CNI_IFNAME", "net1")
+            .env("CNI_HELPER_CONFIG", node.node_config_path())
             .env_remove("AWS_EC2_METADATA_SERVICE_ENDPOINT")
             .output()
             .expect("run cnitool");
@@ -405,6 +406,7 @@ fn multus_thin_plugin_delegates_to_cni_helper() {
             .env("CNI_NETNS", pod.path())
             .env("CNI_IFNAME", "net1")
             .env("CNI_PATH", bin_dir.path())
+            .env("CNI_HELPER_CONFIG", node.node_config_path())
             .env(
                 "CNI_ARGS",
                 "IgnoreUnknown=true;K8S_POD_NAMESPACE=default;K8S_POD_NAME=p",
@@ -436,6 +438,123 @@ fn multus_thin_plugin_delegates_to_cni_helper() {
     run("DEL");
     assert!(pod.link("net1").is_none());
     assert!(node.reserved_ips().is_empty());
+}
+
+#[test]
+#[ignore = "integration: root, network namespaces, Debian CNI plugins"]
+fn a_nad_cannot_choose_the_state_dir_or_imds() {
+    // The NAD author writes a state file of their own (say, in a volume of their pod)
+    // mapping device index 2 to the node's uplink, and points the NAD at it.
+    let node = Node::new("loc");
+    node.write_state();
+    node.add_uplink();
+    let pod = Netns::new("loc-p");
+    let evil = tempfile::tempdir().expect("tempdir");
+    write_state_file(evil.path(), "eth0", ETH0_MAC);
+    let mut config = node.config(json!({"type": "host-device"}), DEAD_IMDS);
+    config["stateDir"] = json!(evil.path());
+    let e = node.cni("ADD", &config, &pod).err();
+    assert_eq!(e["code"], 7, "{e}");
+    assert!(
+        e["msg"]
+            .as_str()
+            .is_some_and(|m| m.contains("stateDir") && m.contains("node-local")),
+        "{e}"
+    );
+    let mut config = node.config(json!({"type": "host-device"}), DEAD_IMDS);
+    config["imdsEndpoint"] = json!("http://127.0.0.1:9");
+    let e = node.cni("ADD", &config, &pod).err();
+    assert_eq!(e["code"], 7, "{e}");
+    assert!(
+        node.ns.link("eth0").is_some(),
+        "the uplink stayed on the node"
+    );
+    assert_eq!(pod.links(), vec!["lo"]);
+
+    // The node-local config file is where they belong: with it, the ENI resolves.
+    let config = node.config(json!({"type": "host-device"}), DEAD_IMDS);
+    let result = node.cni("ADD", &config, &pod).ok();
+    assert!(pod.link("net1").is_some(), "{result}");
+    node.cni("DEL", &with_prev_result(config, &result), &pod)
+        .ok();
+    assert!(node.ns.link("ens7").is_some());
+}
+
+#[test]
+#[ignore = "integration: root, network namespaces, Debian CNI plugins, loopback fake IMDS"]
+fn host_device_never_takes_the_primary_interface() {
+    let node = Node::new("pri");
+    node.add_uplink();
+    let pod = Netns::new("pri-p");
+    // A stale or forged (node-local) state file says device index 2 is eth0, which
+    // carries the default route.
+    write_state_file(node.state_dir.path(), "eth0", ETH0_MAC);
+    let config = node.config(json!({"type": "host-device"}), DEAD_IMDS);
+    let e = node.cni("ADD", &config, &pod).err();
+    assert_eq!(e["code"], 102, "{e}");
+    assert!(
+        e["msg"]
+            .as_str()
+            .is_some_and(|m| m.contains("default route")),
+        "{e}"
+    );
+    assert!(node.ns.link("eth0").is_some(), "eth0 stayed on the node");
+    assert_eq!(pod.links(), vec!["lo"]);
+
+    // Without the default route, eth0 is still the ENI at device index 0 (IMDS says so).
+    ip(&["-n", &node.ns.name, "route", "del", "default"]);
+    let imds = ImdsChild::start(&node.ns, &[(ETH0_MAC, 0), (ENS7_MAC, 2)]);
+    let config = node.config(json!({"type": "host-device"}), &imds.url);
+    let e = node.cni("ADD", &config, &pod).err();
+    assert_eq!(e["code"], 102, "{e}");
+    assert!(
+        e["msg"]
+            .as_str()
+            .is_some_and(|m| m.contains("device index 0")),
+        "{e}"
+    );
+    assert!(node.ns.link("eth0").is_some(), "eth0 stayed on the node");
+
+    // The real ENI at device index 2 still moves.
+    write_state_file(node.state_dir.path(), "ens7", ENS7_MAC);
+    let result = node.cni("ADD", &config, &pod).ok();
+    assert_eq!(pod.link("net1").expect("net1")["address"], ENS7_MAC);
+    node.cni("DEL", &with_prev_result(config, &result), &pod)
+        .ok();
+    assert!(node.ns.link("ens7").is_some());
+}
+
+#[test]
+#[ignore = "integration: root, network namespaces"]
+fn missing_cni_variables_are_error_4() {
+    let node = Node::new("env");
+    node.write_state();
+    let config = node.config(json!({"type": "macvlan"}), DEAD_IMDS);
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", &node.ns.name])
+        .arg(bin())
+        .env("CNI_COMMAND", "ADD")
+        .env("CNI_HELPER_CONFIG", node.node_config_path())
+        .env_remove("CNI_NETNS")
+        .env_remove("CNI_CONTAINERID")
+        .env_remove("CNI_IFNAME")
+        .env_remove("CNI_PATH")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    std::io::Write::write_all(
+        &mut child.stdin.take().expect("stdin"),
+        config.to_string().as_bytes(),
+    )
+    .expect("write");
+    let out = child.wait_with_output().expect("wait");
+    let e: Value = serde_json::from_slice(&out.stdout).expect("error JSON");
+    assert_eq!(e["code"], 4, "{e}");
+    assert!(
+        e["msg"].as_str().is_some_and(|m| m.contains("CNI_NETNS")),
+        "{e}"
+    );
 }
 
 fn cnitool_path() -> std::path::PathBuf {

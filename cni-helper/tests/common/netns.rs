@@ -117,6 +117,8 @@ pub struct Node {
     pub ns: Netns,
     pub state_dir: tempfile::TempDir,
     pub ipam_dir: tempfile::TempDir,
+    /// Holds the node-local cni-helper config (`CNI_HELPER_CONFIG`).
+    pub conf_dir: tempfile::TempDir,
 }
 
 impl Node {
@@ -145,26 +147,48 @@ impl Node {
             ns,
             state_dir: tempfile::tempdir().expect("tempdir"),
             ipam_dir: tempfile::tempdir().expect("tempdir"),
+            conf_dir: tempfile::tempdir().expect("tempdir"),
         }
     }
 
     /// Writes the node daemon's state file with ens7 at device index 2, through the same
     /// contract crate (types and atomic save) the daemon writes it with.
     pub fn write_state(&self) {
-        let mut state = eni_state::StateFile::empty("test-node");
-        state.enis.push(eni_state::EniState {
-            eni_id: "eni-0test".into(),
-            mac_address: ENS7_MAC.into(),
-            device_index: 2,
-            network_card_index: 0,
-            node_eni: "multus".into(),
-            interface_name: Some("ens7".into()),
-            pci_address: None,
-            driver: None,
-            dpdk_bound: false,
-            resource_name: None,
-        });
-        eni_state::save(&eni_state::path(self.state_dir.path()), &state).expect("write state");
+        write_state_file(self.state_dir.path(), "ens7", ENS7_MAC);
+    }
+
+    /// A primary interface: `eth0` (MAC [`ETH0_MAC`], a veth end) with an address and the
+    /// namespace's default route.
+    pub fn add_uplink(&self) {
+        let n = self.ns.name.as_str();
+        ip(&[
+            "-n",
+            n,
+            "link",
+            "add",
+            "eth0",
+            "address",
+            ETH0_MAC,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0-wire",
+        ]);
+        ip(&["-n", n, "link", "set", "eth0-wire", "up"]);
+        ip(&["-n", n, "link", "set", "eth0", "up"]);
+        ip(&["-n", n, "addr", "add", "10.99.0.2/24", "dev", "eth0"]);
+        ip(&[
+            "-n",
+            n,
+            "route",
+            "add",
+            "default",
+            "via",
+            "10.99.0.1",
+            "dev",
+            "eth0",
+        ]);
     }
 
     pub fn ens7_ifindex(&self) -> u64 {
@@ -192,8 +216,21 @@ impl Node {
         out
     }
 
-    /// A cni-helper config for `delegate` with host-local IPAM in this node's data dir.
+    /// The node-local cni-helper config file (what `CNI_HELPER_CONFIG` names).
+    pub fn node_config_path(&self) -> PathBuf {
+        self.conf_dir.path().join("cni-helper.json")
+    }
+
+    /// Writes the node-local config: this node's state dir and `imds`.
+    pub fn write_node_config(&self, imds: &str) {
+        let c = serde_json::json!({"stateDir": self.state_dir.path(), "imdsEndpoint": imds});
+        std::fs::write(self.node_config_path(), c.to_string()).expect("write node config");
+    }
+
+    /// A cni-helper config for `delegate` with host-local IPAM in this node's data dir;
+    /// also (re)writes the node-local config with `imds` (the NAD cannot carry it).
     pub fn config(&self, delegate: Value, imds: &str) -> Value {
+        self.write_node_config(imds);
         let mut delegate = delegate;
         if delegate["type"] != "host-device" {
             delegate["ipam"] = serde_json::json!({
@@ -204,8 +241,7 @@ impl Node {
         }
         serde_json::json!({
             "cniVersion": "1.0.0", "name": "eni-net", "type": "cni-helper",
-            "deviceIndex": 2, "stateDir": self.state_dir.path(), "imdsEndpoint": imds,
-            "delegate": delegate,
+            "deviceIndex": 2, "delegate": delegate,
         })
     }
 
@@ -227,6 +263,7 @@ impl Node {
             .arg(bin())
             .env_remove("AWS_EC2_METADATA_SERVICE_ENDPOINT")
             .env_remove("AWS_EC2_METADATA_DISABLED")
+            .env("CNI_HELPER_CONFIG", self.node_config_path())
             .env("CNI_COMMAND", command)
             .env("CNI_CONTAINERID", format!("ctr-{}", pod.name))
             .env("CNI_NETNS", pod.path())
@@ -377,4 +414,23 @@ pub fn kernel_has_ipvlan() -> bool {
             .map(|o| o.status.success())
             .unwrap_or(false)
     })
+}
+
+/// Writes a node daemon state file in `dir` with `iface` (MAC `mac`) at device index 2,
+/// through the same contract crate (types and atomic save) the daemon writes it with.
+pub fn write_state_file(dir: &Path, iface: &str, mac: &str) {
+    let mut state = eni_state::StateFile::empty("test-node");
+    state.enis.push(eni_state::EniState {
+        eni_id: "eni-0test".into(),
+        mac_address: mac.into(),
+        device_index: 2,
+        network_card_index: 0,
+        node_eni: "multus".into(),
+        interface_name: Some(iface.into()),
+        pci_address: None,
+        driver: None,
+        dpdk_bound: false,
+        resource_name: None,
+    });
+    eni_state::save(&eni_state::path(dir), &state).expect("write state");
 }

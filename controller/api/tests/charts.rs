@@ -421,6 +421,16 @@ fn rendered_objects_have_the_documented_names_and_privileges() {
     let inits = pod["initContainers"].as_array().expect("init containers");
     assert_eq!(inits.len(), 1, "only the cni-helper installer by default");
     assert_eq!(inits[0]["name"], "install-cni-helper");
+    // cni-helper's node-local config (never in a NAD) points at the daemon's state dir.
+    let node_config: serde_json::Value = serde_json::from_str(
+        inits[0]["env"][0]["value"]
+            .as_str()
+            .expect("NODE_CONFIG value"),
+    )
+    .expect("NODE_CONFIG is JSON");
+    assert_eq!(inits[0]["env"][0]["name"], "NODE_CONFIG");
+    assert_eq!(node_config, json!({"stateDir": "/run/aws-multi-eni"}));
+    assert!(pod["volumes"].to_string().contains("/etc/aws-multi-eni"));
     assert!(pod["volumes"].to_string().contains("/opt/cni/bin"));
     for d in docs.iter().filter(|d| d["kind"] == "ClusterRole") {
         let text = d["rules"].to_string();
