@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use eni_api::{NodeENI, NodeENISpec};
-use eni_testkit::{ApiServer, peer};
+use eni_testkit::{ApiServer, eventually, peer};
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
@@ -1008,6 +1008,29 @@ async fn node_daemons_change_only_their_own_node_report() {
     let a: Api<NodeENI> = Api::all(node_daemon_client(api, "own-node-a").await);
     let b: Api<NodeENI> = Api::all(node_daemon_client(api, "own-node-b").await);
     let apply = |who: &'static str| PatchParams::apply(who).force();
+
+    // The apiserver picks a new policy up asynchronously: wait until a forged write (dry
+    // run, so nothing changes) is refused.
+    let effective = eventually(std::time::Duration::from_secs(30), || {
+        let a = a.clone();
+        async move {
+            let mut pp = apply("eni-manager-a");
+            pp.dry_run = true;
+            let res = a
+                .patch_status(
+                    name,
+                    &pp,
+                    &Patch::Apply(report_for(name, "own-node-b", "eni-probe")),
+                )
+                .await;
+            forbidden_by_policy(&res).then_some(())
+        }
+    })
+    .await;
+    assert!(
+        effective.is_some(),
+        "the node reports policy never took effect"
+    );
 
     // Each daemon writes its own entry, as eni-manager does (server-side apply).
     a.patch_status(
