@@ -125,8 +125,8 @@ pub struct NodeENISpec {
     #[schemars(regex(pattern = r"^subnet-([0-9a-f]{8}|[0-9a-f]{17})$"))]
     pub subnet_id: Option<String>,
 
-    /// Subnets to create ENIs in: one ENI per subnet per Node, at consecutive device
-    /// indexes starting at `deviceIndex`.
+    /// Subnets to create ENIs in: one ENI per subnet per Node (in its zone), the subnet at
+    /// position k of the spec's list at device index `deviceIndex + k` on every Node.
     #[serde(rename = "subnetIDs", default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(
         length(max = 32),
@@ -162,7 +162,10 @@ pub struct NodeENISpec {
     #[schemars(length(max = 16), inner(length(min = 1, max = 255)))]
     pub security_group_names: Vec<String>,
 
-    /// Device index of the (first) ENI. 0 is the instance's primary ENI.
+    /// Device index of the first subnet's ENI; the subnet at position k of the spec's
+    /// list (subnetID, subnetIDs, subnetName, subnetNames) gets deviceIndex + k, the
+    /// same on every Node (a subnet outside a Node's zone leaves its index unused there).
+    /// 0 is the instance's primary ENI; leave 1 to the Amazon VPC CNI on busy nodes.
     #[serde(default = "default_device_index")]
     #[schemars(range(min = 1, max = 63))]
     pub device_index: i32,
