@@ -150,6 +150,10 @@ async fn slot_that_leaves_and_returns_gets_a_new_eni() {
         "the token is recorded in status"
     );
     assert_eq!(w.managed_enis(None).await.len(), 1);
+    // Created ENIs carry the VPC CNI's hands-off tag (issue 14).
+    let t = eni_tags(&w, &eni.eni_id).await;
+    assert_eq!(t.get(tags::NO_MANAGE).map(String::as_str), Some("true"));
+    assert!(t.contains_key(tags::CLUSTER_ID));
 }
 
 /// Issue 12 #1: after the spec changed between two creates, EC2 answers
