@@ -316,170 +316,15 @@ pub(super) async fn execute_slot_action<E: Ec2>(
     action: Action,
     tokens: &Mutex<BTreeMap<SlotKey, String>>,
 ) -> Result<(), (String, &'static str)> {
-    let name = obj.name_any();
     let op = action.operation();
-    let key = slot_key(slot);
     let result: Result<(), Ec2Error> = match &action {
-        Action::Create => {
-            let token = lock(tokens)
-                .entry(key.clone())
-                .or_insert_with(new_token)
-                .clone();
-            let new = NewEni {
-                subnet_id: slot.subnet_id.clone(),
-                security_groups: settings.security_groups.clone(),
-                description: settings.description.clone(),
-                tags: {
-                    let mut t = super::adopt::ownership_tags(
-                        &ctx.config.cluster_name,
-                        &ctx.config.cluster_id,
-                        &name,
-                        &slot.node,
-                        &slot.instance_id,
-                        slot.device_index,
-                    );
-                    t.insert(
-                        tags::NAME.to_string(),
-                        format!("{name}-{}-{}", slot.node, slot.device_index),
-                    );
-                    t
-                },
-                client_token: token,
-            };
-            match ctx.ec2.create_eni(new).await {
-                Ok(eni) => {
-                    let id = eni.id.clone();
-                    lock(&ctx.inventory).upsert(eni);
-                    publish(
-                        ctx,
-                        obj,
-                        EventType::Normal,
-                        "Created",
-                        "CreateNetworkInterface",
-                        format!(
-                            "created {id} in {} for node {} (device index {})",
-                            slot.subnet_id, slot.node, slot.device_index
-                        ),
-                    )
-                    .await;
-                    Ok(())
-                }
-                // The token was first sent with other settings (the spec changed in
-                // between): the create that is wanted now needs a new one.
-                Err(e) if e.kind == ErrorKind::TokenMismatch => {
-                    info!(slot = ?key, "client token sent before with other settings: using a new one");
-                    lock(tokens).insert(key.clone(), new_token());
-                    Ok(())
-                }
-                Err(e) => {
-                    if e.kind == ErrorKind::NotFound {
-                        ctx.resolver.invalidate();
-                    }
-                    Err(e)
-                }
-            }
-        }
-        Action::Attach { eni_id } => {
-            match ctx
-                .ec2
-                .attach_eni(
-                    eni_id.clone(),
-                    slot.instance_id.clone(),
-                    slot.device_index,
-                    slot.network_card_index,
-                )
-                .await
-            {
-                Ok(attachment_id) => {
-                    lock(&ctx.inventory).update(eni_id, |e| {
-                        e.status = "in-use".into();
-                        e.attachment = Some(Attachment {
-                            id: attachment_id.clone(),
-                            instance_id: slot.instance_id.clone(),
-                            device_index: slot.device_index,
-                            network_card_index: slot.network_card_index,
-                            state: AttachmentState::Attaching,
-                            // AttachNetworkInterface leaves it false.
-                            delete_on_termination: false,
-                        });
-                    });
-                    ctx.in_flight.notify_one();
-                    publish(
-                        ctx,
-                        obj,
-                        EventType::Normal,
-                        "Attached",
-                        "AttachNetworkInterface",
-                        format!(
-                            "attached {eni_id} to {} ({}) at device index {}",
-                            slot.node, slot.instance_id, slot.device_index
-                        ),
-                    )
-                    .await;
-                    Ok(())
-                }
-                Err(e) if e.kind == ErrorKind::NotFound => {
-                    // Gone, or EC2 replayed the answer of a create whose ENI was deleted
-                    // since: make sure, then the slot needs a new token.
-                    refresh_eni(ctx, eni_id).await;
-                    if lock(&ctx.inventory).get(eni_id).is_none() {
-                        info!(eni = %eni_id, slot = ?key, "ENI to attach is gone: creating anew with a new client token");
-                        lock(tokens).insert(key.clone(), new_token());
-                        Ok(())
-                    } else {
-                        Err(e)
-                    }
-                }
-                Err(e) => {
-                    match e.kind {
-                        ErrorKind::DeviceIndexInUse | ErrorKind::AttachmentLimit => {
-                            // The cache missed someone else's ENI: describe again next time.
-                            ctx.instances.invalidate(&slot.instance_id);
-                        }
-                        _ => {}
-                    }
-                    Err(e)
-                }
-            }
-        }
-        Action::SetDeleteOnTermination {
-            eni_id,
-            attachment_id,
-            delete,
-        } => ctx
-            .ec2
-            .set_delete_on_termination(eni_id.clone(), attachment_id.clone(), *delete)
-            .await
-            .map(|()| {
-                lock(&ctx.inventory).update(eni_id, |e| {
-                    if let Some(a) = e.attachment.as_mut() {
-                        a.delete_on_termination = *delete;
-                    }
-                });
-            }),
-        Action::SetSecurityGroups { eni_id, groups } => ctx
-            .ec2
-            .set_security_groups(eni_id.clone(), groups.clone())
-            .await
-            .map(|()| {
-                lock(&ctx.inventory).update(eni_id, |e| e.security_groups = groups.clone());
-            }),
-        Action::SetDescription {
-            eni_id,
-            description,
-        } => ctx
-            .ec2
-            .set_description(eni_id.clone(), description.clone())
-            .await
-            .map(|()| {
-                lock(&ctx.inventory).update(eni_id, |e| e.description = description.clone());
-            }),
-        Action::Detach { .. } | Action::Delete { .. } => {
-            let eni_id = match &action {
-                Action::Detach { eni_id, .. } | Action::Delete { eni_id } => eni_id.clone(),
-                _ => String::new(),
-            };
-            return run_removal(ctx, obj, &eni_id, action)
+        Action::Create => create(ctx, obj, slot, settings, tokens).await,
+        Action::Attach { eni_id } => attach(ctx, obj, slot, eni_id, tokens).await,
+        Action::SetDeleteOnTermination { .. }
+        | Action::SetSecurityGroups { .. }
+        | Action::SetDescription { .. } => modify(ctx, &action).await,
+        Action::Detach { eni_id, .. } | Action::Delete { eni_id } => {
+            return run_removal(ctx, obj, eni_id, action.clone())
                 .await
                 .map_err(|(_, msg, reason)| (msg, reason));
         }
@@ -525,6 +370,186 @@ pub(super) async fn execute_slot_action<E: Ec2>(
             .await;
             Err((msg, reason))
         }
+    }
+}
+
+/// Creates the slot's ENI with its client token and ownership tags.
+async fn create<E: Ec2>(
+    ctx: &Context<E>,
+    obj: &NodeENI,
+    slot: &Slot,
+    settings: &Settings,
+    tokens: &Mutex<BTreeMap<SlotKey, String>>,
+) -> Result<(), Ec2Error> {
+    let name = obj.name_any();
+    let key = slot_key(slot);
+    let token = lock(tokens)
+        .entry(key.clone())
+        .or_insert_with(new_token)
+        .clone();
+    let new = NewEni {
+        subnet_id: slot.subnet_id.clone(),
+        security_groups: settings.security_groups.clone(),
+        description: settings.description.clone(),
+        tags: {
+            let mut t = super::adopt::ownership_tags(
+                &ctx.config.cluster_name,
+                &ctx.config.cluster_id,
+                &name,
+                &slot.node,
+                &slot.instance_id,
+                slot.device_index,
+            );
+            t.insert(
+                tags::NAME.to_string(),
+                format!("{name}-{}-{}", slot.node, slot.device_index),
+            );
+            t
+        },
+        client_token: token,
+    };
+    match ctx.ec2.create_eni(new).await {
+        Ok(eni) => {
+            let id = eni.id.clone();
+            lock(&ctx.inventory).upsert(eni);
+            publish(
+                ctx,
+                obj,
+                EventType::Normal,
+                "Created",
+                "CreateNetworkInterface",
+                format!(
+                    "created {id} in {} for node {} (device index {})",
+                    slot.subnet_id, slot.node, slot.device_index
+                ),
+            )
+            .await;
+            Ok(())
+        }
+        // The token was first sent with other settings (the spec changed in
+        // between): the create that is wanted now needs a new one.
+        Err(e) if e.kind == ErrorKind::TokenMismatch => {
+            info!(slot = ?key, "client token sent before with other settings: using a new one");
+            lock(tokens).insert(key.clone(), new_token());
+            Ok(())
+        }
+        Err(e) => {
+            if e.kind == ErrorKind::NotFound {
+                ctx.resolver.invalidate();
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Attaches the slot's ENI at its device index.
+async fn attach<E: Ec2>(
+    ctx: &Context<E>,
+    obj: &NodeENI,
+    slot: &Slot,
+    eni_id: &String,
+    tokens: &Mutex<BTreeMap<SlotKey, String>>,
+) -> Result<(), Ec2Error> {
+    let key = slot_key(slot);
+    match ctx
+        .ec2
+        .attach_eni(
+            eni_id.clone(),
+            slot.instance_id.clone(),
+            slot.device_index,
+            slot.network_card_index,
+        )
+        .await
+    {
+        Ok(attachment_id) => {
+            lock(&ctx.inventory).update(eni_id, |e| {
+                e.status = "in-use".into();
+                e.attachment = Some(Attachment {
+                    id: attachment_id.clone(),
+                    instance_id: slot.instance_id.clone(),
+                    device_index: slot.device_index,
+                    network_card_index: slot.network_card_index,
+                    state: AttachmentState::Attaching,
+                    // AttachNetworkInterface leaves it false.
+                    delete_on_termination: false,
+                });
+            });
+            ctx.in_flight.notify_one();
+            publish(
+                ctx,
+                obj,
+                EventType::Normal,
+                "Attached",
+                "AttachNetworkInterface",
+                format!(
+                    "attached {eni_id} to {} ({}) at device index {}",
+                    slot.node, slot.instance_id, slot.device_index
+                ),
+            )
+            .await;
+            Ok(())
+        }
+        Err(e) if e.kind == ErrorKind::NotFound => {
+            // Gone, or EC2 replayed the answer of a create whose ENI was deleted
+            // since: make sure, then the slot needs a new token.
+            refresh_eni(ctx, eni_id).await;
+            if lock(&ctx.inventory).get(eni_id).is_none() {
+                info!(eni = %eni_id, slot = ?key, "ENI to attach is gone: creating anew with a new client token");
+                lock(tokens).insert(key.clone(), new_token());
+                Ok(())
+            } else {
+                Err(e)
+            }
+        }
+        Err(e) => {
+            match e.kind {
+                ErrorKind::DeviceIndexInUse | ErrorKind::AttachmentLimit => {
+                    // The cache missed someone else's ENI: describe again next time.
+                    ctx.instances.invalidate(&slot.instance_id);
+                }
+                _ => {}
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Corrects one setting of an attached ENI in place.
+async fn modify<E: Ec2>(ctx: &Context<E>, action: &Action) -> Result<(), Ec2Error> {
+    match action {
+        Action::SetDeleteOnTermination {
+            eni_id,
+            attachment_id,
+            delete,
+        } => ctx
+            .ec2
+            .set_delete_on_termination(eni_id.clone(), attachment_id.clone(), *delete)
+            .await
+            .map(|()| {
+                lock(&ctx.inventory).update(eni_id, |e| {
+                    if let Some(a) = e.attachment.as_mut() {
+                        a.delete_on_termination = *delete;
+                    }
+                });
+            }),
+        Action::SetSecurityGroups { eni_id, groups } => ctx
+            .ec2
+            .set_security_groups(eni_id.clone(), groups.clone())
+            .await
+            .map(|()| {
+                lock(&ctx.inventory).update(eni_id, |e| e.security_groups = groups.clone());
+            }),
+        Action::SetDescription {
+            eni_id,
+            description,
+        } => ctx
+            .ec2
+            .set_description(eni_id.clone(), description.clone())
+            .await
+            .map(|()| {
+                lock(&ctx.inventory).update(eni_id, |e| e.description = description.clone());
+            }),
+        _ => Ok(()),
     }
 }
 
