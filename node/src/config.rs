@@ -146,11 +146,6 @@ pub struct Config {
         default_value = "/var/run/k8s.cni.cncf.io/devinfo/dp"
     )]
     pub devinfo_dir: PathBuf,
-
-    /// Also advertise non-DPDK ENIs (still on their kernel driver) under this resource
-    /// name, for `host-device` users. Unset: only DPDK-bound ENIs are advertised.
-    #[arg(long, env = "ENI_MANAGER_NETDEV_RESOURCE_NAME")]
-    pub netdev_resource_name: Option<String>,
 }
 
 impl Config {
@@ -163,7 +158,9 @@ impl Config {
             sysfs_root: self.sysfs_root.clone(),
             dev_root: self.dev_root.clone(),
             devinfo_dir: self.devinfo_dir.clone(),
-            netdev_resource: self.netdev_resource_name.clone(),
+            // Only DPDK-bound ENIs are advertised (docs/multus.md says why there is no
+            // resource for ENIs still on ena).
+            netdev_resource: None,
             ..DevicePluginConfig::default()
         })
     }
@@ -241,8 +238,6 @@ mod tests {
             "/tmp/dev",
             "--devinfo-dir",
             "/tmp/devinfo",
-            "--netdev-resource-name",
-            "example.com/eni",
         ])
         .expect("parses");
         let dp = c.device_plugin_config().expect("enabled");
@@ -252,7 +247,7 @@ mod tests {
         assert_eq!(dp.sysfs_root, PathBuf::from("/tmp/sys"));
         assert_eq!(dp.dev_root, PathBuf::from("/tmp/dev"));
         assert_eq!(dp.devinfo_dir, PathBuf::from("/tmp/devinfo"));
-        assert_eq!(dp.netdev_resource.as_deref(), Some("example.com/eni"));
+        assert_eq!(dp.netdev_resource, None);
         for off in [["--device-plugin=false"], ["--device-plugin=0"]] {
             let mut args = vec!["eni-manager", "--node-name", "n1"];
             args.extend(off);
@@ -269,5 +264,24 @@ mod tests {
             ])
             .is_err()
         );
+    }
+
+    #[test]
+    fn there_is_no_netdev_resource_flag() {
+        // It was accepted and did nothing (non-DPDK ENIs were never published to the
+        // device plugin); a flag that silently does nothing is worse than none.
+        let e = Config::try_parse_from([
+            "eni-manager",
+            "--node-name",
+            "n1",
+            "--netdev-resource-name",
+            "example.com/eni",
+        ])
+        .expect_err("removed");
+        assert!(e.to_string().contains("--netdev-resource-name"), "{e}");
+        assert!(!Config::command().get_arguments().any(|a| {
+            a.get_env()
+                .is_some_and(|v| v == "ENI_MANAGER_NETDEV_RESOURCE_NAME")
+        }));
     }
 }

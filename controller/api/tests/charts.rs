@@ -305,6 +305,38 @@ fn helm_lint_is_clean_with_default_and_ci_values() {
 
 #[test]
 #[ignore = "integration: needs helm from hack/peers.sh"]
+fn node_chart_has_no_netdev_resource_value() {
+    // devicePlugin.netdevResourceName was accepted and did nothing; it is gone, and a
+    // values file that still sets it fails loudly instead of being ignored.
+    let args: Vec<String> = [
+        "template",
+        "x",
+        &chart("aws-multi-eni-node"),
+        "--set",
+        "devicePlugin.netdevResourceName=aws.amazon.com/eni",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let out = helm(&args);
+    assert!(!out.ok, "rendered with netdevResourceName");
+    assert!(
+        out.stderr.contains("netdevResourceName"),
+        "unclear error: {}",
+        out.stderr
+    );
+    for v in variants().iter().filter(|v| v.chart.contains("node")) {
+        let rendered = render(v);
+        assert!(
+            !rendered.contains("NETDEV_RESOURCE"),
+            "{}: still sets a netdev resource",
+            v.what
+        );
+    }
+}
+
+#[test]
+#[ignore = "integration: needs helm from hack/peers.sh"]
 fn controller_chart_refuses_to_render_without_what_it_needs() {
     let base = |extra: &[&str]| {
         let mut args: Vec<String> = ["template", "x", &chart("aws-multi-eni-controller")]

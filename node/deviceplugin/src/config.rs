@@ -51,7 +51,7 @@ impl std::fmt::Display for RegistrationMode {
 /// | `--sysfs-root` (shared with the binder) | `sysfs_root` | `/sys` |
 /// | `--dev-root` | `dev_root` | `/dev` |
 /// | `--devinfo-dir` | `devinfo_dir` | `/var/run/k8s.cni.cncf.io/devinfo/dp` |
-/// | `--netdev-resource-name` (optional) | `netdev_resource` | unset |
+/// | (none: eni-manager leaves it unset) | `netdev_resource` | unset |
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     /// Directory holding `kubelet.sock` and, in device-plugin mode, the plugin sockets.
