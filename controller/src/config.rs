@@ -216,7 +216,9 @@ mod tests {
         let cli = Cli::try_parse_from(["eni-controller", "--cluster-name", "c"]).expect("parses");
         let a = cli.controller;
         assert_eq!(a.max_concurrent_reconciles, 5);
-        assert_eq!(a.max_concurrent_eni_cleanup, 3);
+        // The one knob that differs on purpose: removal chains are paced by the rate
+        // limiter, and 3 at once halved the bulk removal rate.
+        assert_eq!(a.max_concurrent_eni_cleanup, 2048);
         assert_eq!(a.resync_period, Duration::from_secs(300));
         assert_eq!(a.detachment_timeout, Duration::from_secs(15));
         assert!(a.leader_elect);

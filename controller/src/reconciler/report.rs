@@ -355,58 +355,19 @@ pub(super) fn build_status<E: Ec2>(
         .map(|p| p.slots.len())
         .unwrap_or(old.desired_attachments as usize);
 
-    let (status, reason, message) = if obj.metadata.deletion_timestamp.is_some() {
-        (
-            "False",
-            condition::DELETING,
-            format!("removing {} ENI(s)", attachments.len()),
-        )
-    } else {
-        // Resolution problems first: they are the user's to fix and explain the rest.
-        let mut problems: Vec<(String, &'static str)> = outcome.resolve_errors.clone();
-        problems.extend(outcome.slot_errors.iter().map(|(_, m, r)| (m.clone(), *r)));
-        problems.extend(blocked);
-        problems.extend(outcome.issues.iter().cloned());
-        let converged = plan.is_some_and(Plan::converged);
-        if !problems.is_empty() {
-            let shown: Vec<&str> = problems.iter().take(5).map(|(m, _)| m.as_str()).collect();
-            let more = problems.len().saturating_sub(5);
-            let mut message = format!("{ready} of {desired} ENIs attached; {}", shown.join("; "));
-            if more > 0 {
-                message.push_str(&format!("; and {more} more"));
-            }
-            let reason = problems[0].1;
-            let status = if converged
-                && problems
-                    .iter()
-                    .all(|(_, r)| *r == condition::INVALID_PROVIDER_ID)
-            {
-                // Nodes without an instance cannot get ENIs; the others are fine.
-                "True"
-            } else {
-                "False"
-            };
-            (status, reason, message)
-        } else if desired == 0 && converged {
-            (
-                "True",
-                condition::NO_MATCHING_NODES,
-                "no Node matches the nodeSelector".to_string(),
-            )
-        } else if converged {
-            (
-                "True",
-                condition::ALL_ATTACHED,
-                format!("{ready} of {desired} ENIs attached"),
-            )
-        } else {
-            (
-                "False",
-                condition::PROGRESSING,
-                format!("{ready} of {desired} ENIs attached"),
-            )
-        }
-    };
+    // Resolution problems first: they are the user's to fix and explain the rest.
+    let mut problems: Vec<(String, &'static str)> = outcome.resolve_errors.clone();
+    problems.extend(outcome.slot_errors.iter().map(|(_, m, r)| (m.clone(), *r)));
+    problems.extend(blocked);
+    problems.extend(outcome.issues.iter().cloned());
+    let (status, reason, message) = ready_verdict(&Verdict {
+        deleting: obj.metadata.deletion_timestamp.is_some(),
+        listed: attachments.len(),
+        problems: &problems,
+        converged: plan.is_some_and(Plan::converged),
+        ready,
+        desired,
+    });
     let generation = obj.metadata.generation;
     let previous = old.conditions.iter().find(|c| c.type_ == condition::READY);
     let transition = match previous {
@@ -470,6 +431,71 @@ pub(super) fn update_gauges<E: Ec2>(ctx: &Context<E>) {
     }
 }
 
+/// What the Ready condition is decided from.
+#[derive(Debug)]
+pub(super) struct Verdict<'a> {
+    /// The NodeENI is being deleted.
+    pub(super) deleting: bool,
+    /// Attachments listed in status.
+    pub(super) listed: usize,
+    /// (message, reason), most important first.
+    pub(super) problems: &'a [(String, &'static str)],
+    /// Every slot attached, nothing being removed.
+    pub(super) converged: bool,
+    /// Slots attached.
+    pub(super) ready: i32,
+    /// Slots wanted.
+    pub(super) desired: usize,
+}
+
+/// The Ready condition's (status, reason, message) (pure).
+pub(super) fn ready_verdict(v: &Verdict<'_>) -> (&'static str, &'static str, String) {
+    let (ready, desired) = (v.ready, v.desired);
+    if v.deleting {
+        return (
+            "False",
+            condition::DELETING,
+            format!("removing {} ENI(s)", v.listed),
+        );
+    }
+    if let Some((_, first)) = v.problems.first() {
+        let shown: Vec<&str> = v.problems.iter().take(5).map(|(m, _)| m.as_str()).collect();
+        let more = v.problems.len().saturating_sub(5);
+        let mut message = format!("{ready} of {desired} ENIs attached; {}", shown.join("; "));
+        if more > 0 {
+            message.push_str(&format!("; and {more} more"));
+        }
+        // Nodes without an AWS providerID cannot get ENIs; the others are fine.
+        let only_provider_ids = v
+            .problems
+            .iter()
+            .all(|(_, r)| *r == condition::INVALID_PROVIDER_ID);
+        let status = if v.converged && only_provider_ids {
+            "True"
+        } else {
+            "False"
+        };
+        return (status, first, message);
+    }
+    match (v.converged, desired) {
+        (true, 0) => (
+            "True",
+            condition::NO_MATCHING_NODES,
+            "no Node matches the nodeSelector".to_string(),
+        ),
+        (true, _) => (
+            "True",
+            condition::ALL_ATTACHED,
+            format!("{ready} of {desired} ENIs attached"),
+        ),
+        (false, _) => (
+            "False",
+            condition::PROGRESSING,
+            format!("{ready} of {desired} ENIs attached"),
+        ),
+    }
+}
+
 /// Field manager of the Ready condition written when a reconcile fails before its
 /// status write (its own manager, so it never removes the fields the main one owns).
 const ERROR_FIELD_MANAGER: &str = "eni-controller-errors";
@@ -526,5 +552,62 @@ pub(super) async fn report_failure<E: Ec2>(ctx: &Context<E>, obj: &NodeENI, err:
         .await
     {
         debug!(error = %e, "could not report the failure in status");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verdict(
+        problems: &[(String, &'static str)],
+        converged: bool,
+    ) -> (&'static str, &'static str, String) {
+        ready_verdict(&Verdict {
+            deleting: false,
+            listed: 2,
+            problems,
+            converged,
+            ready: 2,
+            desired: 3,
+        })
+    }
+
+    #[test]
+    fn ready_condition_reasons() {
+        assert_eq!(verdict(&[], true).1, condition::ALL_ATTACHED);
+        assert_eq!(verdict(&[], false).0, "False");
+        assert_eq!(verdict(&[], false).1, condition::PROGRESSING);
+        let missing = (
+            "node n: instance i-1 not found in EC2".to_string(),
+            condition::INSTANCE_NOT_FOUND,
+        );
+        let (status, reason, message) = verdict(std::slice::from_ref(&missing), true);
+        assert_eq!((status, reason), ("False", condition::INSTANCE_NOT_FOUND));
+        assert!(
+            message.starts_with("2 of 3 ENIs attached; node n"),
+            "{message}"
+        );
+        // A Node without a providerID alone leaves the others Ready.
+        let pid = (
+            "node x has no AWS providerID".to_string(),
+            condition::INVALID_PROVIDER_ID,
+        );
+        assert_eq!(verdict(std::slice::from_ref(&pid), true).0, "True");
+        assert_eq!(verdict(&[pid, missing], true).0, "False");
+        let many: Vec<(String, &'static str)> = (0..7)
+            .map(|i| (format!("p{i}"), condition::EC2_ERROR))
+            .collect();
+        assert!(verdict(&many, false).2.ends_with("; and 2 more"));
+        let deleting = ready_verdict(&Verdict {
+            deleting: true,
+            listed: 4,
+            problems: &many,
+            converged: false,
+            ready: 0,
+            desired: 0,
+        });
+        assert_eq!(deleting.1, condition::DELETING);
+        assert_eq!(deleting.2, "removing 4 ENI(s)");
     }
 }
