@@ -105,13 +105,18 @@ pub(super) async fn observe<E: Ec2>(
             // Terminating: EC2 releases the ENIs; nothing to keep or create.
             Some(i) if i.is_terminating() => {}
             Some(i) => live.push((t, i)),
-            None => outcome.issues.push((
-                format!(
-                    "node {}: instance {} not found in EC2",
-                    t.node, t.instance_id
-                ),
-                condition::INSTANCE_NOT_FOUND,
-            )),
+            // Not found is not gone (a wrong providerID, or EC2's eventual consistency
+            // right after launch): keep whatever the Node has, create nothing.
+            None => {
+                observed.held.nodes.insert(t.node.clone());
+                outcome.issues.push((
+                    format!(
+                        "node {}: instance {} not found in EC2",
+                        t.node, t.instance_id
+                    ),
+                    condition::INSTANCE_NOT_FOUND,
+                ));
+            }
         }
     }
 
