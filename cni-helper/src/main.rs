@@ -13,7 +13,6 @@ use cni_helper::config::{DelegateKind, Target};
 use cni_helper::exec::CniPath;
 use cni_helper::nad::{HostLocal, NadSpec};
 use cni_helper::{cni, nodeconf, plugin};
-use eni_state::DEFAULT_STATE_DIR;
 
 /// Resolve an AWS ENI device index to this node's interface (or PCI address).
 ///
@@ -44,10 +43,13 @@ enum Cmd {
             default_value_t = 0
         )]
         network_card: u64,
-        /// The node daemon's state directory (holds enis.json).
-        #[arg(long, env = "CNI_HELPER_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
-        state_dir: PathBuf,
-        /// IMDS endpoint (http://host[:port]); default http://169.254.169.254.
+        /// The node daemon's state directory (holds enis.json). Default: the node-local
+        /// config's stateDir (/etc/aws-multi-eni/cni-helper.json, or $CNI_HELPER_CONFIG),
+        /// else /run/aws-multi-eni.
+        #[arg(long, env = "CNI_HELPER_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+        /// IMDS endpoint (http://host[:port]). Default: the node-local config's
+        /// imdsEndpoint, else http://169.254.169.254.
         #[arg(long, env = "AWS_EC2_METADATA_SERVICE_ENDPOINT")]
         imds_endpoint: Option<String>,
     },
@@ -171,6 +173,9 @@ fn cli_main(cli: Cli) -> anyhow::Result<()> {
             state_dir,
             imds_endpoint,
         } => {
+            let path = nodeconf::path_from(std::env::var(nodeconf::PATH_ENV).ok().as_deref());
+            let node = nodeconf::load(&path)?;
+            let (state_dir, imds_endpoint) = sources(state_dir, imds_endpoint, node);
             let r = cni_helper::resolver(&state_dir, imds_endpoint.as_deref());
             let res = r.resolve(device_index, network_card)?;
             match res.target {
@@ -213,10 +218,23 @@ fn cli_main(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// The CLI's state dir and IMDS endpoint: flags win over the node-local config.
+fn sources(
+    state_dir: Option<PathBuf>,
+    imds_endpoint: Option<String>,
+    node: nodeconf::NodeConfig,
+) -> (PathBuf, Option<String>) {
+    (
+        state_dir.unwrap_or(node.state_dir),
+        imds_endpoint.or(node.imds_endpoint),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use clap::CommandFactory;
+    use eni_state::DEFAULT_STATE_DIR;
 
     #[test]
     fn cli_is_consistent() {
@@ -242,6 +260,29 @@ mod tests {
             }
         }
         walk(&Cli::command());
+    }
+
+    #[test]
+    fn resolve_defaults_come_from_the_node_config() {
+        let node = nodeconf::NodeConfig {
+            state_dir: PathBuf::from("/var/run/eni"),
+            imds_endpoint: Some("http://127.0.0.1:1338".into()),
+        };
+        assert_eq!(
+            sources(None, None, node.clone()),
+            (
+                PathBuf::from("/var/run/eni"),
+                Some("http://127.0.0.1:1338".into())
+            )
+        );
+        assert_eq!(
+            sources(Some("/x".into()), Some("http://10.0.0.1".into()), node).0,
+            PathBuf::from("/x")
+        );
+        assert_eq!(
+            sources(None, None, nodeconf::NodeConfig::default()).0,
+            PathBuf::from(DEFAULT_STATE_DIR)
+        );
     }
 
     #[test]
