@@ -430,7 +430,10 @@ multus() {
     local cmd=$1 n=node-1 uid
     uid=$(kc get pod -n $POD_NS $POD -o jsonpath='{.metadata.uid}')
     multus_conf $n >"$DEMO_DIR/$n/multus.conf"
-    CNI_COMMAND=$cmd CNI_CONTAINERID=demo-pod-sandbox CNI_NETNS="/var/run/netns/$(pod_netns)" \
+    # cni-helper's node-local config (written by make_pod) reaches it through Multus, which
+    # passes its environment on to delegates. No IMDS in the demo: the state file answers.
+    CNI_HELPER_CONFIG="$DEMO_DIR/$n/cni-helper.json" AWS_EC2_METADATA_DISABLED=true \
+        CNI_COMMAND=$cmd CNI_CONTAINERID=demo-pod-sandbox CNI_NETNS="/var/run/netns/$(pod_netns)" \
         CNI_IFNAME=eth0 CNI_PATH="$DEMO_DIR/cni-bin" \
         CNI_ARGS="IgnoreUnknown=true;K8S_POD_NAMESPACE=$POD_NS;K8S_POD_NAME=$POD;K8S_POD_INFRA_CONTAINER_ID=demo-pod-sandbox;K8S_POD_UID=$uid" \
         ip netns exec "$(node_ns $n)" "$ENI_BIN_DIR/multus" <"$DEMO_DIR/$n/multus.conf"
@@ -444,11 +447,10 @@ make_pod() {
     for p in host-device ptp host-local static loopback; do
         ln -sf "$CNI_PLUGINS/$p" "$DEMO_DIR/cni-bin/$p"
     done
-    # The sample NAD, pointed at node-1's state directory (on a real node the default,
-    # /run/aws-multi-eni, is right and stateDir is left out).
-    kc create --dry-run=client -o json -f "$REPO_DIR/docs/examples/nad-host-device.yaml" |
-        jq --arg s "$DEMO_DIR/node-1/run" '.spec.config |= (fromjson | .stateDir = $s | tojson)' |
-        kc apply -f - >/dev/null
+    # cni-helper's node-local config points at node-1's state directory (on a real node the
+    # node chart writes /etc/aws-multi-eni/cni-helper.json; a NAD cannot say where to look).
+    jq -n --arg s "$DEMO_DIR/node-1/run" '{stateDir: $s}' >"$DEMO_DIR/node-1/cni-helper.json"
+    kc apply -f "$REPO_DIR/docs/examples/nad-host-device.yaml" >/dev/null
     # No scheduler and no kubelet here: the Pod is bound to node-1 by nodeName and stays Pending.
     kc create --dry-run=client -o json -f "$REPO_DIR/docs/examples/pod-multus.yaml" |
         jq '.spec.nodeName = "node-1"' | kc apply -f - >/dev/null
