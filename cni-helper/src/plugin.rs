@@ -22,6 +22,10 @@ pub trait ResolveEni {
     /// Refuses a target that is the node's primary interface (see
     /// [`crate::resolve::Resolver::refuse_primary`]).
     fn refuse_primary(&self, target: &Target) -> Result<(), String>;
+
+    /// Refuses a PCI device named in the network config that the node daemon does not
+    /// manage (see [`crate::resolve::Resolver::refuse_unmanaged`]).
+    fn refuse_unmanaged(&self, pci: &str) -> Result<(), String>;
 }
 
 impl<S, M, N> ResolveEni for crate::resolve::Resolver<S, M, N>
@@ -40,6 +44,10 @@ where
 
     fn refuse_primary(&self, target: &Target) -> Result<(), String> {
         crate::resolve::Resolver::refuse_primary(self, target)
+    }
+
+    fn refuse_unmanaged(&self, pci: &str) -> Result<(), String> {
+        crate::resolve::Resolver::refuse_unmanaged(self, pci)
     }
 }
 
@@ -185,13 +193,18 @@ fn add(
     }
     // host-device moves the device into the pod: never the node's own uplink, whatever
     // the config (or a device named in it) says.
-    if conf.kind == DelegateKind::HostDevice
-        && let Err(why) = resolver.refuse_primary(&target)
-    {
-        return Err(CniError::new(
-            CniCode::EniUnusable,
-            format!("refusing to move {target} into the pod: {why}"),
-        ));
+    if conf.kind == DelegateKind::HostDevice {
+        let checked = match &conf.allocated_device {
+            Some(pci) => resolver.refuse_unmanaged(pci),
+            None => Ok(()),
+        }
+        .and_then(|()| resolver.refuse_primary(&target));
+        if let Err(why) = checked {
+            return Err(CniError::new(
+                CniCode::EniUnusable,
+                format!("refusing to move {target} into the pod: {why}"),
+            ));
+        }
     }
     let cfg = conf
         .delegate_config(Some(&target))
@@ -668,7 +681,8 @@ mod tests {
 
     #[test]
     fn host_device_uses_the_device_allocated_to_the_pod() {
-        const DPDK: &str = r#"{"version":1,"node":"n","enis":[{"eniID":"eni-d","macAddress":"02:00:00:00:00:02","deviceIndex":2,"networkCardIndex":0,"nodeENI":"x","interfaceName":null,"pciAddress":"0000:00:07.0","driver":"vfio-pci","dpdkBound":true,"resourceName":"intel.com/x"}]}"#;
+        const DPDK: &str = r#"{"version":1,"node":"n","enis":[{"eniID":"eni-d","macAddress":"02:00:00:00:00:02","deviceIndex":2,"networkCardIndex":0,"nodeENI":"x","interfaceName":null,"pciAddress":"0000:00:07.0","driver":"vfio-pci","dpdkBound":true,"resourceName":"intel.com/x"},
+            {"eniID":"eni-e","macAddress":"02:00:00:00:00:03","deviceIndex":3,"networkCardIndex":0,"nodeENI":"x","interfaceName":null,"pciAddress":"0000:00:09.0","driver":"vfio-pci","dpdkBound":true,"resourceName":"intel.com/x"}]}"#;
         let body = |extra: Value| {
             let mut v = json!({"cniVersion": "1.0.0", "name": "eni", "deviceIndex": 2,
                                "delegate": {"type": "host-device"}});
@@ -699,12 +713,17 @@ mod tests {
         assert_eq!(r.exit, 0);
         assert_eq!(d.calls.borrow()[0].2["pciBusID"], "0000:00:09.0");
         assert!(r.log.iter().any(|l| l.contains("warning")), "{:?}", r.log);
-        // Unresolvable index, but an allocated device: still works.
+        // Unresolvable index, but an allocated device the daemon manages: still works.
         let d = FakeDelegates::ok("{}");
+        let mut v: Value = serde_json::from_slice(&body(
+            json!({"runtimeConfig": {"deviceID": "0000:00:09.0"}}),
+        ))
+        .expect("json");
+        v["deviceIndex"] = json!(7);
         let r = run(
             &env(Command::Add),
-            &body(json!({"runtimeConfig": {"deviceID": "0000:00:09.0"}})),
-            &resolver_with(None),
+            v.to_string().as_bytes(),
+            &resolver_with(Some(DPDK)),
             &d,
         );
         assert_eq!(r.exit, 0, "{}", String::from_utf8_lossy(&r.stdout));
@@ -712,12 +731,42 @@ mod tests {
     }
 
     #[test]
+    fn a_device_named_in_the_config_must_be_one_the_daemon_manages() {
+        // Any other PCI device (another tenant's ENI, a VPC CNI ENI, a disk) was written
+        // into the NAD by hand: the device plugin only allocates state-file devices.
+        for (state, pci) in [(Some(STATE), "0000:00:1f.0"), (None, "0000:00:07.0")] {
+            let d = FakeDelegates::ok("{}");
+            let v = json!({"cniVersion": "1.0.0", "name": "eni", "deviceIndex": 2,
+                           "delegate": {"type": "host-device"}, "pciBusID": pci});
+            let r = run(
+                &env(Command::Add),
+                v.to_string().as_bytes(),
+                &resolver_with(state),
+                &d,
+            );
+            let out: Value = serde_json::from_slice(&r.stdout).expect("json");
+            assert_eq!(out["code"], 102, "{out}");
+            assert!(
+                out["msg"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("node daemon manages")),
+                "{out}"
+            );
+            assert!(d.calls.borrow().is_empty());
+        }
+    }
+
+    #[test]
     fn a_device_named_in_the_config_is_never_the_primary_eni() {
         // deviceIndex 2 passes the config's index-0 check; the top-level pciBusID and
-        // deviceID (which Multus also writes) name the PCI device behind the uplink.
+        // deviceID (which Multus also writes) name the PCI device behind the uplink, which
+        // a stale state file still lists as a managed ENI.
+        const STALE: &str = r#"{"version":1,"node":"n","enis":[
+            {"eniID":"eni-a","macAddress":"02:00:00:00:00:02","deviceIndex":2,"interfaceName":"ens7"},
+            {"eniID":"eni-old","macAddress":"02:00:00:00:00:01","deviceIndex":4,"pciAddress":"0000:00:05.0"}]}"#;
         let resolver = |_: &NetConf| -> Box<dyn ResolveEni> {
             Box::new(Resolver {
-                state: StubState(Some(STATE)),
+                state: StubState(Some(STALE)),
                 metadata: None::<StubImds>,
                 netdevs: StubNode {
                     links: vec![("02:00:00:00:00:01", "ens5"), ("02:00:00:00:00:02", "ens7")],

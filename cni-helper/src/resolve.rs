@@ -201,6 +201,33 @@ impl<S: StateSource, M: Metadata, N: NetDevices> Resolver<S, M, N> {
     ///
     /// This runs on whatever the target came from: the state file, IMDS, or a device
     /// named in the network config (`pciBusID`, `deviceID`, `runtimeConfig.deviceID`).
+    /// Accepts a PCI device named in the network config (`pciBusID`, `deviceID`,
+    /// `runtimeConfig.deviceID`) only when the node daemon's state file lists it at a
+    /// device index other than 0: the device plugin only ever advertises such devices, so
+    /// anything else was written into the config by hand.
+    pub fn refuse_unmanaged(&self, pci: &str) -> Result<(), String> {
+        let state = self.state.load().map_err(|e| {
+            format!(
+                "PCI device {pci} is named in the network config, and only devices the node daemon manages may be; {}: {e}",
+                self.state.describe()
+            )
+        })?;
+        let known = state.enis.iter().any(|e| {
+            e.device_index != 0
+                && e.pci_address
+                    .as_deref()
+                    .is_some_and(|p| p.eq_ignore_ascii_case(pci))
+        });
+        if known {
+            Ok(())
+        } else {
+            Err(format!(
+                "PCI device {pci} is named in the network config but is not an ENI the node daemon manages ({} does not list it)",
+                self.state.describe()
+            ))
+        }
+    }
+
     pub fn refuse_primary(&self, target: &Target) -> Result<(), String> {
         let (names, pci) = match target {
             Target::Netdev(n) => (vec![n.clone()], None),
