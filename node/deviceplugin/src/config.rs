@@ -98,6 +98,11 @@ impl Default for Config {
 }
 
 impl Config {
+    /// Both directories a plugin socket may live in.
+    pub fn socket_dirs(&self) -> [&std::path::Path; 2] {
+        [&self.device_plugin_dir, &self.plugins_registry_dir]
+    }
+
     /// Directory the plugin sockets live in for the configured mode.
     pub fn socket_dir(&self) -> &std::path::Path {
         match self.registration {
@@ -107,9 +112,25 @@ impl Config {
     }
 }
 
+/// Longest socket file name [`socket_name`] produces. A Unix socket path must fit in
+/// `sun_path` (108 bytes with the terminating NUL); this leaves 43 bytes for the
+/// directory, enough for `/var/lib/kubelet/device-plugins/` and
+/// `/var/lib/kubelet/plugins_registry/`.
+pub const MAX_SOCKET_NAME: usize = 64;
+
+/// Longest Unix socket path (`sun_path` is 108 bytes, NUL included).
+pub const MAX_SOCKET_PATH: usize = 107;
+
 /// File name of the plugin socket for `resource`, e.g.
-/// `aws-multi-eni-intel.com_intel_sriov_netdevice.sock`.
+/// `aws-multi-eni-intel.com_intel_sriov_netdevice.sock`: the resource name with every
+/// character outside `[A-Za-z0-9._-]` replaced by `_`. A name that would make it longer
+/// than [`MAX_SOCKET_NAME`] (a valid resource name can be 317 characters: a 253-character
+/// domain, `/`, a 63-character name) is cut and given a hash of the full name, so it
+/// stays unique and the same across restarts:
+/// `aws-multi-eni-<first 28 characters>-<16 hex digits>.sock`.
 pub fn socket_name(resource: &str) -> String {
+    const PREFIX: &str = "aws-multi-eni-";
+    const SUFFIX: &str = ".sock";
     let safe: String = resource
         .chars()
         .map(|c| {
@@ -120,7 +141,23 @@ pub fn socket_name(resource: &str) -> String {
             }
         })
         .collect();
-    format!("aws-multi-eni-{safe}.sock")
+    if PREFIX.len() + safe.len() + SUFFIX.len() <= MAX_SOCKET_NAME {
+        return format!("{PREFIX}{safe}{SUFFIX}");
+    }
+    // 14 + 28 + 1 + 16 + 5 = 64.
+    let head: String = safe.chars().take(28).collect();
+    format!(
+        "{PREFIX}{head}-{:016x}{SUFFIX}",
+        fnv1a64(resource.as_bytes())
+    )
+}
+
+/// FNV-1a, 64 bits: a stable hash (unlike std's `DefaultHasher`, whose output may change
+/// between Rust releases), so a socket keeps its name across upgrades.
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 #[cfg(test)]
@@ -136,6 +173,39 @@ mod tests {
             assert_eq!(m.to_string().parse::<RegistrationMode>(), Ok(m));
         }
         assert!("kubelet".parse::<RegistrationMode>().is_err());
+    }
+
+    /// The longest valid extended resource name: a 253-character DNS subdomain, `/`, a
+    /// 63-character name.
+    fn longest_resource_name(tail: char) -> String {
+        let label = "a".repeat(63);
+        let domain = format!("{label}.{label}.{label}.{}", "b".repeat(61));
+        assert_eq!(domain.len(), 253);
+        let name = format!("{}{tail}", "n".repeat(62));
+        format!("{domain}/{name}")
+    }
+
+    #[test]
+    fn long_resource_names_get_short_unique_stable_socket_names() {
+        let long = longest_resource_name('x');
+        assert_eq!(long.len(), 317);
+        let name = socket_name(&long);
+        assert_eq!(name.len(), MAX_SOCKET_NAME, "{name}");
+        assert!(name.starts_with("aws-multi-eni-aaaa") && name.ends_with(".sock"));
+        // Unique: names differing only in their last character get different sockets.
+        assert_ne!(name, socket_name(&longest_resource_name('y')));
+        // Stable across releases (a fixed hash, not std's).
+        assert_eq!(socket_name(&long), name);
+        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+        // Fits under both kubelet directories.
+        for dir in Config::default().socket_dirs() {
+            assert!(dir.join(&name).as_os_str().len() <= MAX_SOCKET_PATH);
+        }
+        // Short names stay readable.
+        let exact = format!("x.io/{}", "n".repeat(MAX_SOCKET_NAME - 19 - 5));
+        assert_eq!(socket_name(&exact).len(), MAX_SOCKET_NAME);
+        assert!(socket_name(&exact).ends_with("nnnn.sock"));
+        assert_eq!(socket_name(&format!("{exact}n")).len(), MAX_SOCKET_NAME);
     }
 
     #[test]

@@ -77,6 +77,21 @@ impl Endpoint {
     /// Binds the socket (replacing a stale file) and starts serving on it.
     fn serve(&self) -> Result<Serving, Error> {
         let path = self.socket_path();
+        let len = path.as_os_str().len();
+        if len > crate::config::MAX_SOCKET_PATH {
+            return Err(Error::io(
+                "bind",
+                &path,
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "the socket path is {len} bytes, longer than a Unix socket path may be \
+                         ({}); use a shorter socket directory",
+                        crate::config::MAX_SOCKET_PATH
+                    ),
+                ),
+            ));
+        }
         match std::fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -522,3 +522,36 @@ async fn missing_vfio_container_device_is_unhealthy() {
     drop(stream);
     plugin.stop().await;
 }
+
+/// The longest valid resource name (a 253-character domain, `/`, a 63-character name)
+/// used to give a socket path over the 108-byte `sun_path` limit, so `serve` failed
+/// every second forever. It is served, registered and listed like any other.
+#[tokio::test]
+async fn longest_valid_resource_name_is_served() {
+    let label = "a".repeat(63);
+    let long = format!(
+        "{label}.{label}.{label}.{}/{}",
+        "b".repeat(61),
+        "n".repeat(63)
+    );
+    assert_eq!(long.len(), 317);
+    let host = Host::new();
+    host.add_device(A, "vfio-pci", 0, true, 0);
+    let mut kubelet = FakeKubelet::start(&host.path("device-plugins"));
+    let plugin = start(host.config(), vec![bound(A, &long, "vfio-pci")]);
+    let r = kubelet.next_registration(5).await;
+    assert_eq!(r.resource_name, long);
+    assert_eq!(r.endpoint, socket_name(&long));
+    let sock = host.path("device-plugins").join(&r.endpoint);
+    assert!(sock.as_os_str().len() < 108, "{}", sock.display());
+    let mut client = plugin_client(&sock).await;
+    let mut stream = client
+        .list_and_watch(api::Empty {})
+        .await
+        .unwrap()
+        .into_inner();
+    let first = wait_list(&mut stream, 5, "first list", |_| true).await;
+    assert_eq!(first.devices.len(), 1);
+    assert_eq!(first.devices[0].id, A);
+    plugin.stop().await;
+}
