@@ -16,7 +16,8 @@ pub struct DpdkWant {
     pub driver: String,
     /// Extended resource to advertise the device as.
     pub resource_name: String,
-    /// PCI address given in the NodeENI, when the device should not be found by MAC.
+    /// PCI address given in the NodeENI spec (`dpdkPCIAddress`): accepted only when it
+    /// is the device behind the ENI's MAC.
     pub pci_address: Option<String>,
 }
 
@@ -279,12 +280,15 @@ pub struct Options {
 
 /// Computes the plan. Rules: interfaces are found by MAC only; device index 0 (the
 /// primary ENI) is never touched; only links whose MAC belongs to an attachment are
-/// touched; a DPDK device already bound to its driver is left alone (no flaps after a
-/// restart); a device the previous state bound for DPDK that is no longer wanted for DPDK
-/// is released.
+/// touched; a DPDK ENI's PCI device is the one behind its MAC (the netdev's, or the state
+/// file's once the netdev is gone), and an explicit `dpdkPCIAddress` is accepted only when
+/// it names that same device; a device (or MAC) claimed by two attachments is left alone
+/// and both are reported; a DPDK device already bound to its driver is left alone (no
+/// flaps after a restart); a device recorded in the state file that is no longer wanted
+/// for DPDK and sits on a userspace-I/O driver, or on no driver at all, is released.
 pub fn plan(desired: &[Desired], observed: &Observed, opts: Options) -> Plan {
     let mut out = Plan::default();
-    let mut seen_macs = BTreeSet::new();
+    let claims = claims(desired, observed);
     for d in desired {
         let mut p = EniPlan {
             desired: d.clone(),
@@ -294,15 +298,6 @@ pub fn plan(desired: &[Desired], observed: &Observed, opts: Options) -> Plan {
             actions: Vec::new(),
             problem: None,
         };
-        if !seen_macs.insert(d.mac.clone()) {
-            p.link = None;
-            p.problem = Some(format!(
-                "MAC {} is listed twice for this node; ignored",
-                d.mac
-            ));
-            out.enis.push(p);
-            continue;
-        }
         if d.device_index == 0 {
             p.link = None;
             p.problem =
@@ -323,19 +318,28 @@ pub fn plan(desired: &[Desired], observed: &Observed, opts: Options) -> Plan {
             out.enis.push(p);
             continue;
         }
-        let prev = observed.previous.iter().find(|e| e.mac_address == d.mac);
-        p.pci = d
-            .dpdk
-            .as_ref()
-            .and_then(|w| w.pci_address.clone())
-            .or_else(|| p.link.as_ref().and_then(|l| l.pci_address.clone()))
-            .or_else(|| prev.and_then(|e| e.pci_address.clone()));
+        let claim = &claims.by_mac[d.mac.as_str()];
+        if let Some(conflict) = claims.conflict(d) {
+            p.link = None;
+            p.pci = claim.device.clone();
+            p.problem = Some(conflict);
+            out.enis.push(p);
+            continue;
+        }
+        p.pci = claim.device.clone();
         if let Some(pci) = &p.pci {
             match observed.pci.get(pci) {
                 Some(Ok(info)) => p.pci_info = Some(info.clone()),
                 Some(Err(e)) if d.dpdk.is_some() => p.problem = Some(e.clone()),
                 _ => {}
             }
+        }
+        if let Some(w) = &d.dpdk
+            && let Some(problem) = claim.explicit_mismatch(&d.mac, w)
+        {
+            p.problem = Some(problem);
+            out.enis.push(p);
+            continue;
         }
         let primary_pci = observed
             .links
@@ -358,33 +362,212 @@ pub fn plan(desired: &[Desired], observed: &Observed, opts: Options) -> Plan {
         out.enis.push(p);
     }
 
-    // Devices bound earlier whose attachment is gone or no longer wants DPDK.
-    for e in observed.previous.iter().filter(|e| e.dpdk_bound) {
-        let still = out.enis.iter().any(|p| {
-            p.desired.dpdk.is_some()
-                && p.pci.is_some()
-                && p.pci == e.pci_address
-                && p.problem.is_none()
-        });
-        if still || e.pci_address.is_none() {
+    // Devices recorded earlier that are no longer wanted bound: given back when they sit
+    // on a userspace-I/O driver, or on no driver at all (a crash between unbind and
+    // probe, or a bind that never took).
+    for e in &observed.previous {
+        // Only records of DPDK ENIs (bound, or recorded just before binding).
+        if !(e.dpdk_bound || e.resource_name.is_some()) {
             continue;
         }
         let Some(pci) = &e.pci_address else { continue };
-        let driver = e
-            .driver
-            .clone()
-            .unwrap_or_else(|| eni_api::DEFAULT_DPDK_DRIVER.to_string());
-        match observed.pci.get(pci) {
-            // Gone (detached) or already back on another driver: nothing to give back.
-            Some(Err(_)) | None => continue,
-            Some(Ok(info)) if info.driver.as_deref() != Some(driver.as_str()) => continue,
-            Some(Ok(_)) => out.releases.push(Release {
-                entry: e.clone(),
-                dpdk_driver: driver,
-            }),
+        // Still wanted for DPDK (even with a problem reported, e.g. a wrong
+        // dpdkPCIAddress added later): left as it is.
+        let still = out
+            .enis
+            .iter()
+            .any(|p| p.desired.dpdk.is_some() && p.pci.as_ref() == Some(pci));
+        // A device two attachments fight over stays as it is until one gives up.
+        if still || claims.contested.contains(pci.as_str()) {
+            continue;
         }
+        let driver = match observed.pci.get(pci) {
+            // Gone (detached): nothing to give back.
+            Some(Err(_)) | None => continue,
+            Some(Ok(info)) => match info.driver.as_deref() {
+                None => None,
+                Some(d) if crate::sysfs::USERSPACE_DRIVERS.contains(&d) => Some(d.to_string()),
+                // On a kernel driver already: nothing to do.
+                Some(_) => continue,
+            },
+        };
+        if out
+            .releases
+            .iter()
+            .any(|r| r.entry.pci_address.as_ref() == Some(pci))
+        {
+            continue;
+        }
+        out.releases.push(Release {
+            entry: e.clone(),
+            dpdk_driver: driver.unwrap_or_else(|| {
+                e.driver
+                    .clone()
+                    .filter(|d| crate::sysfs::USERSPACE_DRIVERS.contains(&d.as_str()))
+                    .unwrap_or_else(|| eni_api::DEFAULT_DPDK_DRIVER.to_string())
+            }),
+        });
     }
     out
+}
+
+/// Where one MAC's device is, by evidence.
+#[derive(Debug, Default)]
+struct Claim {
+    /// The device behind the MAC: its netdev's, else the state file's record (unless a
+    /// live netdev with another MAC sits on that device now).
+    device: Option<String>,
+    /// Where that came from, for messages.
+    source: &'static str,
+}
+
+impl Claim {
+    /// Why an explicit `dpdkPCIAddress` is refused, if it is.
+    fn explicit_mismatch(&self, mac: &str, want: &DpdkWant) -> Option<String> {
+        let explicit = want.pci_address.as_deref()?;
+        match self.device.as_deref() {
+            Some(dev) if dev == explicit => None,
+            Some(dev) => Some(format!(
+                "dpdkPCIAddress {explicit} is not the device of MAC {mac}: that is {dev} \
+                 (from {}); refusing to bind either (remove dpdkPCIAddress or correct it)",
+                self.source
+            )),
+            None => Some(format!(
+                "cannot verify dpdkPCIAddress {explicit}: no interface with MAC {mac} and no \
+                 record of it, so nothing shows that {explicit} is this ENI; refusing to bind it"
+            )),
+        }
+    }
+}
+
+/// Who claims which device.
+#[derive(Debug, Default)]
+struct Claims<'a> {
+    by_mac: BTreeMap<&'a str, Claim>,
+    /// Claimants per device (by MAC-derived device, and by explicit address).
+    by_device: BTreeMap<String, Vec<&'a Desired>>,
+    /// Claimants per MAC.
+    per_mac: BTreeMap<&'a str, Vec<&'a Desired>>,
+    /// Devices claimed more than once.
+    contested: BTreeSet<String>,
+}
+
+impl Claims<'_> {
+    /// A report naming every claimant, when `d`'s MAC or device is claimed twice.
+    fn conflict(&self, d: &Desired) -> Option<String> {
+        let mut names: Vec<&Desired> = self
+            .per_mac
+            .get(d.mac.as_str())
+            .cloned()
+            .unwrap_or_default();
+        let mut what = format!("MAC {}", d.mac);
+        for pci in device_claims(d, &self.by_mac[d.mac.as_str()]) {
+            if let Some(c) = self.by_device.get(&pci)
+                && c.len() > 1
+            {
+                names.extend(c.iter().copied());
+                what = format!("PCI device {pci}");
+            }
+        }
+        let mut unique: Vec<&Desired> = Vec::new();
+        for n in names.drain(..) {
+            if !unique.iter().any(|u| std::ptr::eq(*u, n)) {
+                unique.push(n);
+            }
+        }
+        if unique.len() < 2 {
+            return None;
+        }
+        let mut list: Vec<String> = unique.iter().map(|c| claimant(c)).collect();
+        list.sort();
+        Some(format!(
+            "{what} is claimed by {}; refusing to configure it until only one claims it",
+            list.join(" and ")
+        ))
+    }
+}
+
+fn claimant(d: &Desired) -> String {
+    let mut s = format!("NodeENI {} (ENI {}, MAC {}", d.node_eni, d.eni_id, d.mac);
+    if let Some(w) = &d.dpdk {
+        s.push_str(&format!(", DPDK resource {}", w.resource_name));
+        if let Some(p) = &w.pci_address {
+            s.push_str(&format!(", dpdkPCIAddress {p}"));
+        }
+    }
+    s.push(')');
+    s
+}
+
+/// The devices `d` claims: the one behind its MAC and, for DPDK, an explicit address.
+fn device_claims(d: &Desired, claim: &Claim) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    out.extend(claim.device.clone());
+    if let Some(p) = d.dpdk.as_ref().and_then(|w| w.pci_address.clone()) {
+        out.insert(p);
+    }
+    out
+}
+
+fn claims<'a>(desired: &'a [Desired], observed: &Observed) -> Claims<'a> {
+    let mut c = Claims::default();
+    for d in desired {
+        c.per_mac.entry(d.mac.as_str()).or_default().push(d);
+        if c.by_mac.contains_key(d.mac.as_str()) {
+            continue;
+        }
+        let live = find_by_mac(&observed.links, &d.mac).and_then(|l| l.pci_address.clone());
+        let claim = match live {
+            Some(dev) => Claim {
+                device: Some(dev),
+                source: "its interface",
+            },
+            None => {
+                let recorded = observed
+                    .previous
+                    .iter()
+                    .find(|e| e.mac_address == d.mac)
+                    .and_then(|e| e.pci_address.clone())
+                    // A netdev with another MAC on that device now: the record is stale.
+                    .filter(|p| {
+                        !observed
+                            .links
+                            .iter()
+                            .any(|l| l.pci_address.as_ref() == Some(p) && l.mac != d.mac)
+                    });
+                Claim {
+                    device: recorded,
+                    source: "the state file",
+                }
+            }
+        };
+        c.by_mac.insert(d.mac.as_str(), claim);
+    }
+    for d in desired {
+        if d.device_index == 0 {
+            continue;
+        }
+        for pci in device_claims(d, &c.by_mac[d.mac.as_str()]) {
+            let v = c.by_device.entry(pci).or_default();
+            if !v.iter().any(|x| std::ptr::eq(*x, d)) {
+                v.push(d);
+            }
+        }
+    }
+    let contested: BTreeSet<String> = c
+        .by_device
+        .iter()
+        .filter(|(_, v)| v.len() > 1)
+        .map(|(k, _)| k.clone())
+        .collect();
+    let mut contested = contested;
+    for (mac, v) in &c.per_mac {
+        if v.len() > 1 {
+            contested.extend(c.by_mac[mac].device.clone());
+        }
+    }
+    c.contested = contested;
+    c
 }
 
 /// The interface with `mac`. VLANs, bonds, bridges and macvlans can share a NIC's MAC:
@@ -506,6 +689,7 @@ mod tests {
             address: addr.into(),
             vendor: 0x1d0f,
             device: 0xec20,
+            class: 0x020000,
             driver: driver.map(Into::into),
             numa_node: Some(0),
             iommu_group: None,
@@ -644,20 +828,22 @@ mod tests {
                 .problem
                 .as_deref()
                 .unwrap_or("")
-                .contains("primary")
+                .contains("0000:00:05.0")
         );
     }
 
     #[test]
-    fn duplicate_mac_is_configured_once() {
+    fn duplicate_mac_is_refused_for_both() {
         let obs = Observed {
             links: vec![link(7, "ens7", M1)],
             ..Default::default()
         };
         let p = plan(&[want(M1, 2), want(M1, 3)], &obs, Options::default());
-        assert_eq!(p.enis[0].actions.len(), 2);
-        assert!(p.enis[1].actions.is_empty());
-        assert!(p.enis[1].problem.is_some());
+        for e in &p.enis {
+            assert!(e.actions.is_empty());
+            let msg = e.problem.as_deref().unwrap_or("");
+            assert!(msg.contains("eni-2") && msg.contains("eni-3"), "{msg}");
+        }
     }
 
     #[test]
@@ -819,7 +1005,12 @@ mod tests {
         if let Some(w) = d.dpdk.as_mut() {
             w.pci_address = Some("0000:00:09.0".into());
         }
-        let mut obs = Observed::default();
+        let mut l = link(7, "ens7", M1);
+        l.pci_address = Some("0000:00:09.0".into());
+        let mut obs = Observed {
+            links: vec![l],
+            ..Default::default()
+        };
         obs.pci.insert(
             "0000:00:09.0".into(),
             Err("sysfs: cannot read vendor".into()),
@@ -881,6 +1072,217 @@ mod tests {
                 resource_name: "intel.com/intel_sriov_netdevice".into(),
                 pci_address: None,
             })
+        );
+    }
+
+    fn bound_record(mac: &str, pci: &str, resource: &str) -> EniState {
+        EniState {
+            eni_id: "eni-2".into(),
+            mac_address: mac.into(),
+            device_index: 2,
+            network_card_index: 0,
+            node_eni: "ne".into(),
+            interface_name: None,
+            pci_address: Some(pci.into()),
+            driver: Some("vfio-pci".into()),
+            dpdk_bound: true,
+            resource_name: Some(resource.into()),
+        }
+    }
+
+    fn explicit(mut d: Desired, pci: &str) -> Desired {
+        if let Some(w) = d.dpdk.as_mut() {
+            w.pci_address = Some(pci.into());
+        }
+        d
+    }
+
+    fn with_pci(mut l: Link, pci: &str) -> Link {
+        l.pci_address = Some(pci.into());
+        l
+    }
+
+    fn problem(p: &EniPlan) -> &str {
+        p.problem.as_deref().unwrap_or("")
+    }
+
+    #[test]
+    fn explicit_address_is_accepted_only_for_the_device_behind_the_mac() {
+        let mut obs = Observed {
+            links: vec![with_pci(link(7, "ens7", M1), "0000:00:07.0")],
+            ..Default::default()
+        };
+        obs.pci
+            .insert("0000:00:07.0".into(), Ok(ena("0000:00:07.0", Some("ena"))));
+        // The EBS root disk, one digit off the documented example.
+        let mut ebs = ena("0000:00:04.0", Some("nvme"));
+        ebs.device = 0x8061;
+        ebs.class = 0x010802;
+        obs.pci.insert("0000:00:04.0".into(), Ok(ebs));
+
+        // Right address: bound.
+        let p = plan(
+            &[explicit(dpdk(want(M1, 2)), "0000:00:07.0")],
+            &obs,
+            Options::default(),
+        );
+        assert_eq!(p.enis[0].problem, None);
+        assert_eq!(p.enis[0].actions.len(), 1);
+
+        // Wrong address: neither device is touched, and the report names both.
+        let p = plan(
+            &[explicit(dpdk(want(M1, 2)), "0000:00:04.0")],
+            &obs,
+            Options::default(),
+        );
+        assert!(p.enis[0].actions.is_empty());
+        let msg = problem(&p.enis[0]);
+        assert!(
+            msg.contains("0000:00:04.0") && msg.contains("0000:00:07.0"),
+            "{msg}"
+        );
+
+        // Nothing shows which device the MAC has: not bound on the NodeENI's word.
+        let p = plan(
+            &[explicit(dpdk(want(M2, 3)), "0000:00:07.0")],
+            &obs,
+            Options::default(),
+        );
+        assert!(p.enis[0].actions.is_empty());
+        assert!(problem(&p.enis[0]).contains("cannot verify"), "{p:?}");
+
+        // Once bound, the state file is the evidence (the netdev is gone).
+        let mut obs = Observed {
+            previous: vec![bound_record(
+                M1,
+                "0000:00:07.0",
+                "intel.com/intel_sriov_netdevice",
+            )],
+            ..Default::default()
+        };
+        obs.pci.insert(
+            "0000:00:07.0".into(),
+            Ok(ena("0000:00:07.0", Some("vfio-pci"))),
+        );
+        let p = plan(
+            &[explicit(dpdk(want(M1, 2)), "0000:00:07.0")],
+            &obs,
+            Options::default(),
+        );
+        assert_eq!(p.enis[0].problem, None);
+        assert!(p.enis[0].actions.is_empty());
+        assert!(p.releases.is_empty());
+
+        // A stale record: another ENI's netdev sits on that device now.
+        obs.links = vec![with_pci(link(9, "ens9", M2), "0000:00:07.0")];
+        obs.pci
+            .insert("0000:00:07.0".into(), Ok(ena("0000:00:07.0", Some("ena"))));
+        let p = plan(&[dpdk(want(M1, 2))], &obs, Options::default());
+        assert!(p.enis[0].actions.is_empty(), "{p:?}");
+        assert!(p.enis[0].problem.is_some());
+    }
+
+    #[test]
+    fn a_device_claimed_twice_is_refused_naming_both_claimants() {
+        // Multi-subnet NodeENI with one dpdkPCIAddress for both of its ENIs.
+        let mut obs = Observed {
+            links: vec![
+                with_pci(link(7, "ens7", M1), "0000:00:07.0"),
+                with_pci(link(8, "ens8", M2), "0000:00:08.0"),
+            ],
+            ..Default::default()
+        };
+        for a in ["0000:00:07.0", "0000:00:08.0"] {
+            obs.pci.insert(a.into(), Ok(ena(a, Some("ena"))));
+        }
+        let mut a = explicit(dpdk(want(M1, 2)), "0000:00:07.0");
+        a.eni_id = "eni-aaa".into();
+        let mut b = explicit(dpdk(want(M2, 3)), "0000:00:07.0");
+        b.eni_id = "eni-bbb".into();
+        let p = plan(&[a, b], &obs, Options::default());
+        for e in &p.enis {
+            assert!(e.actions.is_empty(), "{e:?}");
+            let msg = problem(e);
+            assert!(
+                msg.contains("eni-aaa") && msg.contains("eni-bbb") && msg.contains("claimed"),
+                "{msg}"
+            );
+        }
+
+        // Two NodeENIs with different resource names for one ENI; it was bound under
+        // the first: it is neither advertised twice nor released, and both are told.
+        let mut obs = Observed {
+            previous: vec![bound_record(M1, "0000:00:07.0", "x.io/a")],
+            ..Default::default()
+        };
+        obs.pci.insert(
+            "0000:00:07.0".into(),
+            Ok(ena("0000:00:07.0", Some("vfio-pci"))),
+        );
+        let mut a = dpdk(want(M1, 2));
+        a.node_eni = "first".into();
+        let mut b = dpdk(want(M1, 2));
+        b.node_eni = "second".into();
+        if let Some(w) = b.dpdk.as_mut() {
+            w.resource_name = "x.io/b".into();
+        }
+        let p = plan(&[a, b], &obs, Options::default());
+        assert!(p.releases.is_empty(), "{p:?}");
+        for e in &p.enis {
+            assert!(e.actions.is_empty());
+            assert!(!e.wants_bound());
+            let msg = problem(e);
+            assert!(
+                msg.contains("NodeENI first") && msg.contains("NodeENI second"),
+                "{msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_device_left_without_a_driver_is_given_back() {
+        // Bound earlier, then the daemon crashed between unbind and probe.
+        let mut obs = Observed {
+            previous: vec![bound_record(
+                M1,
+                "0000:00:07.0",
+                "intel.com/intel_sriov_netdevice",
+            )],
+            ..Default::default()
+        };
+        obs.pci
+            .insert("0000:00:07.0".into(), Ok(ena("0000:00:07.0", None)));
+        let p = plan(&[], &obs, Options::default());
+        assert_eq!(p.releases.len(), 1);
+        assert_eq!(p.releases[0].dpdk_driver, "vfio-pci");
+        // Still wanted for DPDK: bound again instead.
+        let p = plan(&[dpdk(want(M1, 2))], &obs, Options::default());
+        assert!(p.releases.is_empty());
+        assert_eq!(
+            p.enis[0].actions,
+            vec![Action::Bind {
+                pci: "0000:00:07.0".into(),
+                driver: "vfio-pci".into()
+            }]
+        );
+
+        // Recorded just before a bind that never took, then DPDK turned off.
+        let mut pre = bound_record(M1, "0000:00:07.0", "intel.com/intel_sriov_netdevice");
+        pre.dpdk_bound = false;
+        pre.driver = Some("ena".into());
+        pre.interface_name = Some("ens7".into());
+        obs.previous = vec![pre.clone()];
+        let p = plan(&[want(M1, 2)], &obs, Options::default());
+        assert_eq!(p.releases.len(), 1, "{p:?}");
+        assert_eq!(p.releases[0].entry, pre);
+
+        // A plain ENI's record whose device has no driver is not ours to probe.
+        pre.resource_name = None;
+        obs.previous = vec![pre];
+        assert!(
+            plan(&[want(M1, 2)], &obs, Options::default())
+                .releases
+                .is_empty()
         );
     }
 
