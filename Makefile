@@ -37,8 +37,8 @@ peers: ## Build or fetch the real test peers into the cache (idempotent).
 	@hack/peers.sh
 
 .PHONY: build
-build: ## Build all binaries (debug).
-	$(CARGO) build --workspace --locked --bins
+build: ## Build all binaries (debug; eni-manager with the test-util feature the demo needs).
+	$(CARGO) build --workspace --locked --bins --features eni-node/test-util
 
 .PHONY: release
 release: ## Release build of the binaries the Dockerfiles ship (what they run).

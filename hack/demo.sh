@@ -213,8 +213,10 @@ preflight() {
     for b in eni-controller eni-manager cni-helper; do
         [[ -x $DEMO_BIN_DIR/$b ]] || die "$DEMO_BIN_DIR/$b missing: run make build (or set DEMO_BIN_DIR)"
     done
-    "$DEMO_BIN_DIR/eni-manager" --help 2>/dev/null | grep -q -- --device-plugin-dir ||
-        die "$DEMO_BIN_DIR/eni-manager is older than its device plugin flags: run make build (or set DEMO_BIN_DIR)"
+    "$DEMO_BIN_DIR/eni-manager" --help 2>/dev/null | grep -q -- --enable-unsafe-noiommu-mode ||
+        die "$DEMO_BIN_DIR/eni-manager is older than its no-IOMMU flag: run make build (or set DEMO_BIN_DIR)"
+    "$DEMO_BIN_DIR/eni-manager" --simulate-pci-kernel=true --help >/dev/null 2>&1 ||
+        die "$DEMO_BIN_DIR/eni-manager was built without the test-util feature the demo needs: run make build"
     for b in host-device ptp host-local static loopback; do
         [[ -x $CNI_PLUGINS/$b ]] || die "CNI plugin $CNI_PLUGINS/$b missing (Debian: apt-get install containernetworking-plugins)"
     done
@@ -353,7 +355,7 @@ start_node_agents() {
         wait_for 20 "kubelet-dp's kubelet.sock for $n" test -S "$d/device-plugins/kubelet.sock"
         start "eni-manager-$n" env KUBECONFIG="$DEMO_DIR/kubeconfig" RUST_LOG=info \
             "$DEMO_BIN_DIR/eni-manager" --node-name "$n" --netns "/var/run/netns/$(node_ns "$n")" \
-            --sysfs-root "$d/sys" --state-dir "$d/run" --simulate-pci-kernel \
+            --sysfs-root "$d/sys" --state-dir "$d/run" --simulate-pci-kernel --enable-unsafe-noiommu-mode \
             --device-plugin-dir "$d/device-plugins" --dev-root "$d/dev" --devinfo-dir "$d/devinfo" \
             --metrics-addr "127.0.0.1:$(free_port)" --resync-period 30s
     done

@@ -80,15 +80,27 @@ pub struct Config {
     #[arg(long, env = "ENI_MANAGER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
-    /// Allow binding PCI devices that are not Amazon ENAs (vendor 0x1d0f) for DPDK.
-    /// Without it a wrong dpdkPCIAddress cannot steal the primary NIC or a disk.
+    /// Also allow binding network controllers (PCI class 0x02) that are not Amazon ENAs
+    /// for DPDK. Never extends to other classes: NVMe disks (Amazon's EBS and instance
+    /// store share the ENA's vendor id), bridges and accelerators are always refused.
     #[arg(long, env = "ENI_MANAGER_FORCE_NON_ENA", default_value_t = false,
           action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
           value_parser = clap::builder::FalseyValueParser::new())]
     pub force_non_ena: bool,
 
-    /// Test/demo only: --sysfs-root is a fake tree; simulate the kernel's side of
-    /// unbind and drivers_probe on it.
+    /// Let vfio-pci take devices that have no IOMMU group by switching on vfio's
+    /// `enable_unsafe_noiommu_mode` (most EC2 instance types expose no IOMMU). Unsafe: no
+    /// DMA isolation for the DPDK process, and it taints the kernel. Off: such devices
+    /// are refused and the NodeENI's nodeReports say that vfio needs an IOMMU. Chart
+    /// value `vfio.enableUnsafeNoIOMMUMode`.
+    #[arg(long, env = "ENI_MANAGER_ENABLE_UNSAFE_NOIOMMU_MODE", default_value_t = false,
+          action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
+          value_parser = clap::builder::FalseyValueParser::new())]
+    pub enable_unsafe_noiommu_mode: bool,
+
+    /// Test/demo only (builds with the `test-util` feature): --sysfs-root is a fake
+    /// tree; simulate the kernel's side of unbind and drivers_probe on it.
+    #[cfg(feature = "test-util")]
     #[arg(long, env = "ENI_MANAGER_SIMULATE_PCI_KERNEL", hide = true, default_value_t = false,
           action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
           value_parser = clap::builder::FalseyValueParser::new())]
@@ -190,7 +202,8 @@ mod tests {
         assert_eq!(c.state_dir, PathBuf::from("/run/aws-multi-eni"));
         assert_eq!(c.default_mtu, 9001);
         assert_eq!(c.resync_period, Duration::from_secs(300));
-        assert!(!c.stable_names && !c.force_non_ena);
+        assert!(!c.stable_names && !c.force_non_ena && !c.enable_unsafe_noiommu_mode);
+
         let c = Config::try_parse_from([
             "eni-manager",
             "--node-name",

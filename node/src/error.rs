@@ -18,10 +18,13 @@ pub enum Error {
     /// sysfs holds something we did not expect (bad vendor id, missing driver, ...).
     #[error("malformed sysfs: {0}")]
     MalformedSysfs(String),
-    /// The PCI device is not an ENA and `--force-non-ena` was not given.
+    /// The PCI device is not an ENA network function (and not a network controller
+    /// allowed by `--force-non-ena`).
     #[error(
-        "PCI device {pci} is {name} ({vendor:#06x}:{device:#06x}), not an Amazon ENA (vendor 0x1d0f); \
-         refusing to rebind it (pass --force-non-ena to override)"
+        "PCI device {pci} is {name}, class {class}: not an Amazon ENA network function \
+         (vendor 0x1d0f, device 0ec2/1ec2/ec20/ec21, class 0x02); refusing to rebind it{}",
+        if *forced { " (--force-non-ena only extends to network controllers)" }
+        else { " (--force-non-ena allows other network controllers, never disks or bridges)" }
     )]
     NotEna {
         /// PCI address.
@@ -30,8 +33,25 @@ pub enum Error {
         vendor: u16,
         /// Device id.
         device: u16,
-        /// Name from the PCI ID database.
+        /// Vendor and device name from the PCI ID database.
         name: String,
+        /// Class name from the PCI ID database.
+        class: String,
+        /// Whether `--force-non-ena` was given.
+        forced: bool,
+    },
+    /// vfio-pci needs an IOMMU group and the no-IOMMU opt-in was not given.
+    #[error(
+        "PCI device {pci} has no IOMMU group: vfio-pci needs an IOMMU{}; to use vfio's unsafe \
+         no-IOMMU mode (no DMA isolation, taints the kernel) start eni-manager with \
+         --enable-unsafe-noiommu-mode (chart value vfio.enableUnsafeNoIOMMUMode=true)",
+        if *noiommu_on { " (vfio's enable_unsafe_noiommu_mode is on, but eni-manager was not allowed to use it)" } else { "" }
+    )]
+    NeedsIommu {
+        /// PCI address.
+        pci: String,
+        /// Whether the vfio module parameter is on already.
+        noiommu_on: bool,
     },
     /// The kernel driver we want to bind to is not loaded.
     #[error("driver {driver} is not loaded (no {path}); load it first, e.g. `modprobe {driver}`")]
@@ -68,6 +88,17 @@ pub enum Error {
     /// A netlink socket could not be opened.
     #[error("netlink socket: {0}")]
     NetlinkSocket(std::io::Error),
+    /// The process could not start (a listener, a directory, ...).
+    #[error("cannot {what}: {source}")]
+    Setup {
+        /// What failed.
+        what: &'static str,
+        /// The cause.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The kubelet device plugin stopped.
+    #[error("device plugin: {0}")]
+    DevicePlugin(String),
     /// A Kubernetes API call failed.
     #[error("kubernetes: {0}")]
     Kube(#[from] kube::Error),

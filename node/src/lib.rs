@@ -6,14 +6,17 @@
 //!   actions), unit tested;
 //! * [`netlink`]: rtnetlink links and link events, optionally inside another netns;
 //! * [`sysfs`]: PCI inspection and driver (re)binding behind the narrow [`sysfs::Sysfs`]
-//!   trait, with a simulated kernel for fake trees;
+//!   trait (with the `test-util` feature: a simulated kernel and fake trees for tests
+//!   and the local demo);
 //! * [`state`]: the `enis.json` state file shared with cni-helper;
 //! * [`report`]: this node's `status.nodeReports` entry (server-side apply);
-//! * [`daemon`]: the reconcile loop; [`metrics`]: Prometheus and health endpoints.
+//! * [`daemon`]: the reconcile loop; [`metrics`]: Prometheus and health endpoints;
+//! * [`app`]: the process wiring `main` calls.
 //!
 //! The set of DPDK-bound devices is published on a `tokio::sync::watch` channel of
 //! [`eni_deviceplugin::BoundDevice`] for the device plugin.
 
+pub mod app;
 pub mod config;
 pub mod daemon;
 pub mod error;

@@ -17,12 +17,17 @@
 use std::fmt::Debug;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
 
-/// Vendor id of Amazon (ENA devices).
+/// Vendor id of Amazon. Shared by the ENA NIC and by Nitro's NVMe controllers (EBS,
+/// instance store) and accelerators: the vendor alone identifies nothing.
 pub const AMAZON_VENDOR: u16 = 0x1d0f;
+/// Device ids of the Elastic Network Adapter (PF, VF, and their LLQ variants).
+pub const ENA_DEVICE_IDS: [u16; 4] = [0x0ec2, 0x1ec2, 0xec20, 0xec21];
+/// PCI base class of network controllers (`class` reads `0x02xxxx`).
+pub const NETWORK_CLASS: u8 = 0x02;
 /// sysfs path of the vfio no-IOMMU module parameter.
 pub const NOIOMMU_PARAM: &str = "module/vfio/parameters/enable_unsafe_noiommu_mode";
 /// Name an IOMMU group has when vfio created it in no-IOMMU mode.
@@ -109,6 +114,8 @@ pub struct PciInfo {
     pub vendor: u16,
     /// Device id.
     pub device: u16,
+    /// Class code (`0xCCSSPP`: base class, subclass, programming interface).
+    pub class: u32,
     /// Driver bound right now (basename of the `driver` symlink).
     pub driver: Option<String>,
     /// NUMA node, when sysfs knows it (`-1` is reported as `None`).
@@ -120,14 +127,26 @@ pub struct PciInfo {
 }
 
 impl PciInfo {
-    /// Whether the device is an Amazon ENA.
+    /// Whether the device is an Amazon ENA: a network-class function with Amazon's
+    /// vendor id *and* one of the ENA device ids. (`1d0f:8061` is the EBS root disk.)
     pub fn is_ena(&self) -> bool {
-        self.vendor == AMAZON_VENDOR
+        self.vendor == AMAZON_VENDOR && self.is_network() && ENA_DEVICE_IDS.contains(&self.device)
+    }
+
+    /// Whether the function is a network controller (PCI base class `0x02`).
+    pub fn is_network(&self) -> bool {
+        base_class(self.class) == NETWORK_CLASS
     }
 
     /// Vendor and device names from the PCI ID database.
     pub fn device_name(&self) -> String {
         device_name(self.vendor, self.device)
+    }
+
+    /// Class name from the PCI ID database (`Mass storage controller / Non-Volatile
+    /// memory controller [010802]`).
+    pub fn class_name(&self) -> String {
+        class_name(self.class)
     }
 
     /// Path of the vfio group device, once bound to vfio-pci.
@@ -138,6 +157,23 @@ impl PciInfo {
         } else {
             format!("/dev/vfio/{group}")
         })
+    }
+}
+
+fn base_class(class: u32) -> u8 {
+    ((class >> 16) & 0xff) as u8
+}
+
+/// `"<class> / <subclass> [cccccc]"` from the PCI ID database.
+pub fn class_name(class: u32) -> String {
+    let code = format!("[{class:06x}]");
+    let (base, sub) = (base_class(class), ((class >> 8) & 0xff) as u8);
+    if let Some(s) = pci_ids::Subclass::from_cid_sid(base, sub) {
+        return format!("{} / {} {code}", s.class().name(), s.name());
+    }
+    match pci_ids::Classes::iter().find(|c| c.id() == base) {
+        Some(c) => format!("{} {code}", c.name()),
+        None => format!("unknown class {code}"),
     }
 }
 
@@ -203,6 +239,19 @@ pub fn inspect(sys: &dyn Sysfs, pci: &str) -> Result<PciInfo> {
         "device",
         pci,
     )?;
+    let class_path = dev_path(pci, "class");
+    let class_text = sys
+        .read(&class_path)
+        .map_err(sysfs_err("read", &class_path))?;
+    let class = {
+        let t = class_text.trim();
+        u32::from_str_radix(t.strip_prefix("0x").unwrap_or(t), 16)
+            .ok()
+            .filter(|c| *c <= 0xff_ffff)
+            .ok_or_else(|| {
+                Error::MalformedSysfs(format!("{pci}: class is {t:?}, not a 24-bit hex code"))
+            })?
+    };
     let driver = current_driver(sys, pci)?;
     let numa_node = sys
         .read(&dev_path(pci, "numa_node"))
@@ -222,6 +271,7 @@ pub fn inspect(sys: &dyn Sysfs, pci: &str) -> Result<PciInfo> {
         address: pci.to_string(),
         vendor,
         device,
+        class,
         driver,
         numa_node,
         iommu_group,
@@ -240,11 +290,22 @@ fn current_driver(sys: &dyn Sysfs, pci: &str) -> Result<Option<String>> {
     }
 }
 
+/// What the binder may do beyond binding ENAs to vfio-pci on an IOMMU.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// Also rebind network controllers (PCI class `0x02`) that are not ENAs. Never extends
+    /// to any other class: storage, bridges, accelerators are refused whatever this says.
+    pub force_non_ena: bool,
+    /// Accept vfio's unsafe no-IOMMU mode (switching it on when needed) for devices
+    /// without an IOMMU group. Off: such devices are refused with an explanation.
+    pub allow_noiommu: bool,
+}
+
 /// Moves PCI devices between their kernel driver and a userspace-I/O driver.
 #[derive(Debug, Clone)]
 pub struct Binder {
     sys: Arc<dyn Sysfs>,
-    force_non_ena: bool,
+    policy: Policy,
 }
 
 /// Result of [`Binder::bind`].
@@ -257,9 +318,9 @@ pub struct BindOutcome {
 }
 
 impl Binder {
-    /// A binder over `sys`; `force_non_ena` allows rebinding devices of other vendors.
-    pub fn new(sys: Arc<dyn Sysfs>, force_non_ena: bool) -> Self {
-        Self { sys, force_non_ena }
+    /// A binder over `sys` with `policy`.
+    pub fn new(sys: Arc<dyn Sysfs>, policy: Policy) -> Self {
+        Self { sys, policy }
     }
 
     /// The sysfs adapter.
@@ -267,9 +328,35 @@ impl Binder {
         self.sys.as_ref()
     }
 
+    /// A clone of the sysfs adapter (for work moved to a blocking thread).
+    pub fn sysfs_arc(&self) -> Arc<dyn Sysfs> {
+        self.sys.clone()
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+
     /// Inspects the device at `pci`.
     pub fn inspect(&self, pci: &str) -> Result<PciInfo> {
         inspect(self.sys.as_ref(), pci)
+    }
+
+    /// Whether the daemon may move `info` between drivers at all: an ENA, or (with
+    /// `force_non_ena`) another network controller. Nothing else, ever.
+    pub fn check_movable(&self, info: &PciInfo) -> Result<()> {
+        if info.is_ena() || (self.policy.force_non_ena && info.is_network()) {
+            return Ok(());
+        }
+        Err(Error::NotEna {
+            pci: info.address.clone(),
+            vendor: info.vendor,
+            device: info.device,
+            name: info.device_name(),
+            class: info.class_name(),
+            forced: self.policy.force_non_ena,
+        })
     }
 
     /// Binds `pci` to `driver`: unbind from the current driver, write `driver_override`,
@@ -290,14 +377,7 @@ impl Binder {
                 changed: false,
             });
         }
-        if !info.is_ena() && !self.force_non_ena {
-            return Err(Error::NotEna {
-                pci: pci.to_string(),
-                vendor: info.vendor,
-                device: info.device,
-                name: info.device_name(),
-            });
-        }
+        self.check_movable(&info)?;
         let driver_dir = format!("bus/pci/drivers/{driver}");
         if !sys.exists(&driver_dir) {
             return Err(Error::DriverNotLoaded {
@@ -306,7 +386,7 @@ impl Binder {
             });
         }
         if driver == "vfio-pci" && info.iommu_group.is_none() {
-            self.ensure_noiommu()?;
+            self.ensure_noiommu(pci)?;
         }
         let override_path = dev_path(pci, "driver_override");
         if !sys.exists(&override_path) {
@@ -349,6 +429,8 @@ impl Binder {
                 changed: false,
             });
         }
+        // A state file naming the wrong device must not make us unbind a disk either.
+        self.check_movable(&info)?;
         let override_path = dev_path(pci, "driver_override");
         sys.write(&override_path, "\n")
             .map_err(sysfs_err("write", &override_path))?;
@@ -373,25 +455,37 @@ impl Binder {
         }
     }
 
-    /// Makes sure vfio accepts devices without an IOMMU (most EC2 instances have none).
-    fn ensure_noiommu(&self) -> Result<()> {
+    /// Makes sure vfio accepts `pci`, which has no IOMMU group: only with the explicit
+    /// opt-in, by switching vfio's no-IOMMU mode on (most EC2 instances have no IOMMU).
+    fn ensure_noiommu(&self, pci: &str) -> Result<()> {
         let sys = self.sys.as_ref();
-        let value = sys.read(NOIOMMU_PARAM).map_err(|e| {
-            Error::MalformedSysfs(format!(
-                "the device has no IOMMU group and vfio's no-IOMMU mode is unavailable \
-                 ({NOIOMMU_PARAM}: {e}); load vfio with enable_unsafe_noiommu_mode=1"
-            ))
-        })?;
-        if matches!(value.trim(), "Y" | "1") {
+        let value = sys.read(NOIOMMU_PARAM).ok();
+        let on = value
+            .as_deref()
+            .is_some_and(|v| matches!(v.trim(), "Y" | "1"));
+        if !self.policy.allow_noiommu {
+            return Err(Error::NeedsIommu {
+                pci: pci.to_string(),
+                noiommu_on: on,
+            });
+        }
+        if on {
             return Ok(());
         }
-        tracing::warn!("no IOMMU: enabling vfio enable_unsafe_noiommu_mode");
+        if value.is_none() {
+            return Err(Error::MalformedSysfs(format!(
+                "the device has no IOMMU group and vfio's no-IOMMU mode is unavailable \
+                 ({NOIOMMU_PARAM} missing); load vfio with enable_unsafe_noiommu_mode=1"
+            )));
+        }
+        tracing::warn!("no IOMMU: enabling vfio enable_unsafe_noiommu_mode (opted in)");
         sys.write(NOIOMMU_PARAM, "1")
             .map_err(sysfs_err("write", NOIOMMU_PARAM))
     }
 }
 
 /// One write seen by [`SimKernel`].
+#[cfg(any(test, feature = "test-util"))]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Write {
     /// Path relative to the sysfs root.
@@ -402,14 +496,17 @@ pub struct Write {
 
 /// A sysfs adapter over a fake tree that also plays the kernel's part (see the module
 /// docs): it performs every write on the file, logs it, and then updates the tree the way
-/// the PCI core would. For tests and the local demo only.
+/// the PCI core would. For tests and the local demo only: compiled in with the
+/// `test-util` feature, never in the shipped binary.
+#[cfg(any(test, feature = "test-util"))]
 #[derive(Debug, Clone)]
 pub struct SimKernel {
     inner: RealSysfs,
-    writes: Arc<Mutex<Vec<Write>>>,
-    native: Arc<Mutex<std::collections::BTreeMap<String, String>>>,
+    writes: Arc<std::sync::Mutex<Vec<Write>>>,
+    native: Arc<std::sync::Mutex<std::collections::BTreeMap<String, String>>>,
 }
 
+#[cfg(any(test, feature = "test-util"))]
 impl SimKernel {
     /// A simulated kernel over the fake tree at `root`.
     pub fn new(root: impl Into<PathBuf>) -> Self {
@@ -495,6 +592,7 @@ impl SimKernel {
     }
 }
 
+#[cfg(any(test, feature = "test-util"))]
 impl Sysfs for SimKernel {
     fn read(&self, path: &str) -> io::Result<String> {
         self.inner.read(path)
@@ -529,14 +627,23 @@ impl Sysfs for SimKernel {
     }
 }
 
+#[cfg(any(test, feature = "test-util"))]
 pub mod fake {
-    //! Builds fake sysfs trees for tests, benchmarks and the local demo.
+    //! Builds fake sysfs trees for tests, benchmarks and the local demo (`test-util`
+    //! feature only).
 
     use std::io;
     use std::os::unix::fs::symlink;
     use std::path::{Path, PathBuf};
 
     use super::{NOIOMMU_PARAM, dev_path};
+
+    /// Class code of an Ethernet controller.
+    pub const ETHERNET: u32 = 0x02_00_00;
+    /// Class code of an NVMe controller (mass storage / non-volatile memory / NVM Express).
+    pub const NVME: u32 = 0x01_08_02;
+    /// Class code of a host bridge.
+    pub const HOST_BRIDGE: u32 = 0x06_00_00;
 
     /// A fake sysfs tree in a directory.
     #[derive(Debug, Clone)]
@@ -574,18 +681,20 @@ pub mod fake {
             std::fs::write(d.join("unbind"), "")
         }
 
-        /// Adds a PCI device, optionally bound to `driver`.
+        /// Adds a PCI device of class `class` (`0xCCSSPP`), optionally bound to `driver`.
         pub fn add_pci(
             &self,
             pci: &str,
             vendor: u16,
             device: u16,
+            class: u32,
             driver: Option<&str>,
         ) -> io::Result<()> {
             let d = self.root.join("bus/pci/devices").join(pci);
             std::fs::create_dir_all(&d)?;
             std::fs::write(d.join("vendor"), format!("0x{vendor:04x}\n"))?;
             std::fs::write(d.join("device"), format!("0x{device:04x}\n"))?;
+            std::fs::write(d.join("class"), format!("0x{class:06x}\n"))?;
             std::fs::write(d.join("numa_node"), "0\n")?;
             std::fs::write(d.join("driver_override"), "(null)\n")?;
             if let Some(drv) = driver {
@@ -594,9 +703,21 @@ pub mod fake {
             Ok(())
         }
 
-        /// Adds an ENA device (`1d0f:ec20`) bound to `ena`.
+        /// Adds an ENA device (`1d0f:ec20`, Ethernet controller) bound to `ena`.
         pub fn add_ena(&self, pci: &str) -> io::Result<()> {
-            self.add_pci(pci, super::AMAZON_VENDOR, 0xec20, Some("ena"))
+            self.add_pci(pci, super::AMAZON_VENDOR, 0xec20, ETHERNET, Some("ena"))
+        }
+
+        /// Adds Nitro's EBS NVMe controller (`1d0f:8061`, class `0x010802`) bound to
+        /// `nvme`: the root disk of a real instance, usually at `0000:00:04.0`.
+        pub fn add_ebs_nvme(&self, pci: &str) -> io::Result<()> {
+            self.add_pci(pci, super::AMAZON_VENDOR, 0x8061, NVME, Some("nvme"))
+        }
+
+        /// Adds an instance-store NVMe controller (`1d0f:cd00` or `1d0f:cd01`) bound to
+        /// `nvme`.
+        pub fn add_instance_store(&self, pci: &str, device: u16) -> io::Result<()> {
+            self.add_pci(pci, super::AMAZON_VENDOR, device, NVME, Some("nvme"))
         }
 
         /// Makes `class/net/<ifname>/device` point at the PCI device.
@@ -649,7 +770,13 @@ mod tests {
     }
 
     fn binder(sim: &SimKernel, force: bool) -> Binder {
-        Binder::new(Arc::new(sim.clone()), force)
+        Binder::new(
+            Arc::new(sim.clone()),
+            Policy {
+                force_non_ena: force,
+                allow_noiommu: true,
+            },
+        )
     }
 
     #[test]
@@ -737,8 +864,30 @@ mod tests {
     }
 
     #[test]
-    fn no_iommu_mode_is_enabled_and_detected() {
+    fn no_iommu_mode_is_enabled_and_detected_only_when_opted_in() {
         let (_d, _tree, sim) = setup();
+        let strict = Binder::new(Arc::new(sim.clone()), Policy::default());
+        let err = strict.bind(PCI, "vfio-pci").expect_err("needs an IOMMU");
+        assert!(
+            matches!(
+                err,
+                Error::NeedsIommu {
+                    noiommu_on: false,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("vfio.enableUnsafeNoIOMMUMode"),
+            "{err}"
+        );
+        assert!(sim.writes().is_empty(), "{:?}", sim.writes());
+        assert_eq!(
+            inspect(&sim, PCI).expect("inspect").driver.as_deref(),
+            Some("ena")
+        );
+
         let b = binder(&sim, false);
         let out = b.bind(PCI, "vfio-pci").expect("bind");
         assert_eq!(sim.writes()[0], w(NOIOMMU_PARAM, "1"));
@@ -748,29 +897,127 @@ mod tests {
             out.info.vfio_group_device().as_deref(),
             Some("/dev/vfio/noiommu-0")
         );
+
+        // Switched on by someone else: still not used without the opt-in.
+        let (_d, _tree, sim) = setup();
+        sim.write(NOIOMMU_PARAM, "1").expect("param");
+        sim.clear_writes();
+        let strict = Binder::new(Arc::new(sim.clone()), Policy::default());
+        let err = strict.bind(PCI, "vfio-pci").expect_err("needs an IOMMU");
+        assert!(
+            matches!(
+                err,
+                Error::NeedsIommu {
+                    noiommu_on: true,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(sim.writes().is_empty());
+    }
+
+    /// Amazon's own non-network functions on a Nitro instance, at their usual addresses.
+    const EBS_ROOT: &str = "0000:00:04.0";
+    const STORE0: &str = "0000:00:1e.0";
+    const STORE1: &str = "0000:00:1f.0";
+    const BRIDGE: &str = "0000:00:00.0";
+
+    fn nitro() -> (tempfile::TempDir, FakeTree, SimKernel) {
+        let (d, tree, sim) = setup();
+        tree.add_ebs_nvme(EBS_ROOT).expect("ebs");
+        tree.add_instance_store(STORE0, 0xcd00).expect("store");
+        tree.add_instance_store(STORE1, 0xcd01).expect("store");
+        tree.add_pci(BRIDGE, 0x8086, 0x1237, fake::HOST_BRIDGE, None)
+            .expect("bridge");
+        for (i, p) in [EBS_ROOT, STORE0, STORE1, BRIDGE].into_iter().enumerate() {
+            tree.set_iommu_group(p, 10 + i as u32, false)
+                .expect("group");
+        }
+        (d, tree, sim)
     }
 
     #[test]
-    fn non_ena_device_is_refused_unless_forced() {
+    fn amazon_disks_and_bridges_are_never_moved_even_forced() {
+        let (_d, _tree, sim) = nitro();
+        for force in [false, true] {
+            for (pci, what) in [
+                (EBS_ROOT, "NVMe EBS Controller"),
+                (STORE0, "[1d0f:cd00]"),
+                (STORE1, "NVMe SSD Controller"),
+                (BRIDGE, "Bridge"),
+            ] {
+                let info = inspect(&sim, pci).expect("inspect");
+                assert!(!info.is_ena(), "{pci}");
+                let err = binder(&sim, force)
+                    .bind(pci, "vfio-pci")
+                    .expect_err("refused");
+                assert!(matches!(err, Error::NotEna { .. }), "{err}");
+                let msg = err.to_string();
+                assert!(msg.contains(what), "{msg}");
+                assert!(msg.contains(pci), "{msg}");
+            }
+            // A state file naming a driverless disk does not get it "given back" either.
+            let err = binder(&sim, force)
+                .release(BRIDGE, "vfio-pci")
+                .expect_err("refused");
+            assert!(matches!(err, Error::NotEna { .. }), "{err}");
+        }
+        let msg = binder(&sim, false)
+            .bind(EBS_ROOT, "vfio-pci")
+            .expect_err("refused")
+            .to_string();
+        assert!(msg.contains("Non-Volatile memory controller"), "{msg}");
+        assert!(sim.writes().is_empty(), "{:?}", sim.writes());
+        assert_eq!(
+            inspect(&sim, EBS_ROOT).expect("inspect").driver.as_deref(),
+            Some("nvme")
+        );
+    }
+
+    #[test]
+    fn ena_needs_the_device_id_and_the_network_class() {
         let (_d, tree, sim) = setup();
-        let nvme = "0000:00:04.0";
-        tree.add_pci(nvme, 0x8086, 0x0953, Some("nvme"))
-            .expect("nvme");
-        tree.set_iommu_group(nvme, 1, false).expect("group");
+        for (i, dev) in ENA_DEVICE_IDS.into_iter().enumerate() {
+            let pci = format!("0000:00:1{i}.0");
+            tree.add_pci(&pci, AMAZON_VENDOR, dev, fake::ETHERNET, Some("ena"))
+                .expect("ena");
+            tree.set_iommu_group(&pci, 20 + i as u32, false)
+                .expect("group");
+            assert!(binder(&sim, false).bind(&pci, "vfio-pci").is_ok(), "{pci}");
+        }
+        // An ENA device id in a storage class is not an ENA.
+        tree.add_pci(
+            "0000:00:19.0",
+            AMAZON_VENDOR,
+            0xec20,
+            fake::NVME,
+            Some("nvme"),
+        )
+        .expect("odd");
+        tree.set_iommu_group("0000:00:19.0", 30, false)
+            .expect("group");
+        assert!(matches!(
+            binder(&sim, true).bind("0000:00:19.0", "vfio-pci"),
+            Err(Error::NotEna { .. })
+        ));
+    }
+
+    #[test]
+    fn force_extends_to_other_network_controllers_only() {
+        let (_d, tree, sim) = setup();
+        let nic = "0000:00:0a.0";
+        tree.add_driver("i40e").expect("driver");
+        tree.add_pci(nic, 0x8086, 0x1572, fake::ETHERNET, Some("i40e"))
+            .expect("intel nic");
+        tree.set_iommu_group(nic, 1, false).expect("group");
         let err = binder(&sim, false)
-            .bind(nvme, "vfio-pci")
+            .bind(nic, "vfio-pci")
             .expect_err("refused");
         assert!(matches!(err, Error::NotEna { vendor: 0x8086, .. }), "{err}");
         assert!(err.to_string().contains("Intel"), "{err}");
-        assert!(
-            sim.writes().is_empty(),
-            "nothing may be written for a refused device"
-        );
-        assert_eq!(
-            inspect(&sim, nvme).expect("inspect").driver.as_deref(),
-            Some("nvme")
-        );
-        let forced = binder(&sim, true).bind(nvme, "vfio-pci").expect("forced");
+        assert!(sim.writes().is_empty());
+        let forced = binder(&sim, true).bind(nic, "vfio-pci").expect("forced");
         assert_eq!(forced.info.driver.as_deref(), Some("vfio-pci"));
     }
 
@@ -829,7 +1076,7 @@ mod tests {
         // unbound and the verification must say so.
         let (dir, tree, _sim) = setup();
         tree.set_iommu_group(PCI, 5, false).expect("group");
-        let b = Binder::new(Arc::new(RealSysfs::new(dir.path())), false);
+        let b = Binder::new(Arc::new(RealSysfs::new(dir.path())), Policy::default());
         std::fs::remove_file(tree.path("bus/pci/devices/0000:00:07.0/driver"))
             .expect("unbind by hand");
         let err = b.bind(PCI, "vfio-pci").expect_err("not verified");
@@ -838,8 +1085,14 @@ mod tests {
             "{err}"
         );
         // A driver symlink that points at the wrong driver is also caught.
-        tree.add_pci("0000:00:08.0", AMAZON_VENDOR, 0xec20, Some("nvme"))
-            .expect("dev");
+        tree.add_pci(
+            "0000:00:08.0",
+            AMAZON_VENDOR,
+            0xec20,
+            fake::ETHERNET,
+            Some("nvme"),
+        )
+        .expect("dev");
         tree.set_iommu_group("0000:00:08.0", 6, false)
             .expect("group");
         let err = b

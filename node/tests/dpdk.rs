@@ -4,8 +4,9 @@
 //! refused and malformed devices reported as errors.
 //!
 //! Unit tier: no root. It opens an unprivileged rtnetlink socket in the test's own
-//! namespace only to list links (it changes none: every ENI here is DPDK with an explicit
-//! PCI address and a MAC no host interface has).
+//! namespace only to list links (it changes none: every ENI here is DPDK with a MAC no
+//! host interface has). The MAC <-> PCI evidence a netdev would give comes from a state
+//! file left by a "previous run", as after a restart.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -16,7 +17,7 @@ use eni_node::metrics::Metrics;
 use eni_node::plan::{Desired, DpdkWant};
 use eni_node::state;
 use eni_node::sysfs::fake::FakeTree;
-use eni_node::sysfs::{Binder, SimKernel, Sysfs, Write};
+use eni_node::sysfs::{Binder, Policy, SimKernel, Sysfs, Write};
 use tokio::sync::watch;
 
 const ENA: &str = "0000:00:07.0";
@@ -79,7 +80,13 @@ fn daemon(state_dir: &Path, spy: Spy) -> (Daemon, watch::Receiver<Vec<BoundDevic
             stable_names: false,
         },
         netlink,
-        Binder::new(Arc::new(spy), false),
+        Binder::new(
+            Arc::new(spy),
+            Policy {
+                force_non_ena: false,
+                allow_noiommu: true,
+            },
+        ),
         tx,
         Metrics::new(),
     );
@@ -93,8 +100,7 @@ async fn bind_record_restart_release() {
     let state_dir = dir.path().join("run");
     let tree = FakeTree::new(&root).expect("tree");
     tree.add_ena(ENA).expect("ena");
-    tree.add_pci(NVME, 0x8086, 0x0953, Some("nvme"))
-        .expect("nvme");
+    tree.add_ebs_nvme(NVME).expect("EBS root disk");
     std::fs::create_dir_all(root.join("bus/pci/devices").join(BROKEN)).expect("broken dev");
     let spy = Spy {
         sim: SimKernel::new(&root),
@@ -106,6 +112,28 @@ async fn bind_record_restart_release() {
         want("eni-b", "02:d0:00:00:00:04", 3, NVME),
         want("eni-c", "02:d0:00:00:00:09", 4, BROKEN),
     ];
+
+    // What a previous run recorded while the netdevs still existed. The record for the
+    // EBS disk is a lie (no run of ours writes it): the binder must refuse it anyway.
+    let record = |w: &Desired, driver: &str| state::EniState {
+        eni_id: w.eni_id.clone(),
+        mac_address: w.mac.clone(),
+        device_index: w.device_index,
+        network_card_index: 0,
+        node_eni: w.node_eni.clone(),
+        interface_name: None,
+        pci_address: w.dpdk.as_ref().and_then(|d| d.pci_address.clone()),
+        driver: Some(driver.into()),
+        dpdk_bound: false,
+        resource_name: w.dpdk.as_ref().map(|d| d.resource_name.clone()),
+    };
+    let mut seed = state::StateFile::empty("n1");
+    seed.enis = vec![
+        record(&desired[0], "ena"),
+        record(&desired[1], "nvme"),
+        record(&desired[2], "ena"),
+    ];
+    state::save(&state::path(&state_dir), &seed).expect("seed state");
 
     let (mut d, rx) = daemon(&state_dir, spy.clone());
     let out = d.reconcile(&desired).await.expect("reconcile");

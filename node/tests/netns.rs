@@ -383,7 +383,7 @@ async fn dpdk_eni_found_by_mac_is_bound_and_reported() {
         &node,
         &ns.path(),
         dir.path(),
-        &["--simulate-pci-kernel"],
+        &["--simulate-pci-kernel", "--enable-unsafe-noiommu-mode"],
     );
     mgr.wait_ready(Duration::from_secs(30));
     let api: Api<NodeENI> = Api::all(client.clone());

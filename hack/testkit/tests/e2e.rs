@@ -7,7 +7,7 @@
 //!
 //! Needs root (network namespaces), the cached peers (`make peers`) and the workspace
 //! binaries built next to this test (`cargo test --workspace` builds them; alone:
-//! `cargo build --workspace --bins` first).
+//! `make build` first).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -36,7 +36,7 @@ fn bin_dir() -> PathBuf {
     for b in ["eni-controller", "eni-manager", "cni-helper"] {
         assert!(
             dir.join(b).is_file(),
-            "{} missing: run `cargo build --workspace --bins` (cargo test --workspace builds it)",
+            "{} missing: run `make build` (cargo build --workspace --bins --features eni-node/test-util; cargo test --workspace builds it too)",
             dir.join(b).display()
         );
     }

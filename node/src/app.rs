@@ -1,0 +1,139 @@
+//! Process wiring of `eni-manager`: the Kubernetes client, the metrics server, netlink,
+//! sysfs, the daemon and the kubelet device plugin, run until `shutdown`.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use eni_deviceplugin::{BoundDevice, CancellationToken};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::daemon::{self, Daemon, Settings};
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::sysfs::{Binder, Policy, RealSysfs, Sysfs};
+
+/// How long the device plugin may take to stop after the daemon did.
+const PLUGIN_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn setup(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Setup {
+        what,
+        source: Box::new(source),
+    }
+}
+
+/// The sysfs adapter `cfg` asks for.
+fn sysfs(cfg: &Config) -> Arc<dyn Sysfs> {
+    #[cfg(feature = "test-util")]
+    if cfg.simulate_pci_kernel {
+        warn!(root = %cfg.sysfs_root.display(), "simulating the PCI kernel side on a fake sysfs tree");
+        return Arc::new(crate::sysfs::SimKernel::new(&cfg.sysfs_root));
+    }
+    Arc::new(RealSysfs::new(&cfg.sysfs_root))
+}
+
+/// Runs the node daemon and (unless disabled) the device plugin until `shutdown`
+/// completes or one of them fails.
+///
+/// # Errors
+/// Setup errors (Kubernetes client, listeners, netlink, device plugin directories) and
+/// a lost netlink connection.
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
+    info!(
+        node = cfg.node_name,
+        version = env!("CARGO_PKG_VERSION"),
+        "eni-manager starting"
+    );
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| Error::Setup {
+            what: "build a Kubernetes client (in-cluster config or KUBECONFIG)",
+            source: Box::new(e),
+        })?;
+
+    // The current set of DPDK-bound devices, for the kubelet device plugin.
+    let (bound_tx, bound_rx) = watch::channel::<Vec<BoundDevice>>(Vec::new());
+    let plugin_shutdown = CancellationToken::new();
+    let mut device_plugin = match cfg.device_plugin_config() {
+        Some(dp) => {
+            info!(
+                dir = %dp.device_plugin_dir.display(),
+                registration = %dp.registration,
+                "starting the kubelet device plugin"
+            );
+            Some(tokio::spawn(eni_deviceplugin::run(
+                dp,
+                bound_rx,
+                plugin_shutdown.clone(),
+            )))
+        }
+        None => {
+            info!("kubelet device plugin disabled (--device-plugin=false)");
+            drop(bound_rx);
+            None
+        }
+    };
+
+    let metrics = Metrics::new();
+    let listener = tokio::net::TcpListener::bind(cfg.metrics_addr)
+        .await
+        .map_err(setup("listen on --metrics-addr"))?;
+    info!(addr = %listener.local_addr().map_err(setup("listen on --metrics-addr"))?, "serving /healthz /readyz /metrics");
+    let router = metrics.router();
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router).await {
+            error!(error = %e, "metrics server stopped");
+        }
+    });
+
+    let (netlink, link_events) = crate::netlink::connect(cfg.netns.as_deref())?;
+    let binder = Binder::new(
+        sysfs(&cfg),
+        Policy {
+            force_non_ena: cfg.force_non_ena,
+            allow_noiommu: cfg.enable_unsafe_noiommu_mode,
+        },
+    );
+    let daemon = Daemon::new(
+        Settings {
+            node: cfg.node_name.clone(),
+            state_dir: cfg.state_dir.clone(),
+            default_mtu: cfg.default_mtu,
+            stable_names: cfg.stable_names,
+        },
+        netlink,
+        binder,
+        bound_tx,
+        metrics,
+    );
+    let daemon_run = daemon::run(daemon, client, link_events, cfg.resync_period, shutdown);
+    let mut plugin_done = false;
+    let result = match device_plugin.as_mut() {
+        Some(plugin) => tokio::select! {
+            r = daemon_run => r,
+            r = plugin => {
+                // The plugin only returns early on a setup error (or a panic).
+                plugin_done = true;
+                Err(match r {
+                    Ok(Ok(())) => Error::DevicePlugin("stopped unexpectedly".into()),
+                    Ok(Err(e)) => Error::DevicePlugin(format!("{e} (--device-plugin=false turns it off)")),
+                    Err(e) => Error::DevicePlugin(format!("task failed: {e}")),
+                })
+            }
+        },
+        None => daemon_run.await,
+    };
+    plugin_shutdown.cancel();
+    if let Some(plugin) = device_plugin.filter(|_| !plugin_done) {
+        match tokio::time::timeout(PLUGIN_STOP_TIMEOUT, plugin).await {
+            Ok(Ok(Ok(()))) => info!("device plugin stopped"),
+            Ok(Ok(Err(e))) => error!(error = %e, "device plugin failed"),
+            Ok(Err(e)) => error!(error = %e, "device plugin task failed"),
+            Err(_) => warn!("device plugin did not stop within {PLUGIN_STOP_TIMEOUT:?}"),
+        }
+    }
+    result
+}
