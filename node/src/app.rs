@@ -13,7 +13,11 @@ use crate::config::Config;
 use crate::daemon::{self, Daemon, Settings};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
+use crate::podresources::PodResources;
 use crate::sysfs::{Binder, Policy, RealSysfs, Sysfs};
+
+/// Longest wait for the kubelet's PodResources `List`.
+const POD_RESOURCES_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long the device plugin may take to stop after the daemon did.
 const PLUGIN_STOP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -103,6 +107,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
             state_dir: cfg.state_dir.clone(),
             default_mtu: cfg.default_mtu,
             stable_names: cfg.stable_names,
+            sysfs_timeout: cfg.sysfs_timeout,
+            pod_resources: (!cfg.pod_resources_socket.as_os_str().is_empty())
+                .then(|| PodResources::new(&cfg.pod_resources_socket, POD_RESOURCES_TIMEOUT)),
         },
         netlink,
         binder,

@@ -98,6 +98,23 @@ pub struct Config {
           value_parser = clap::builder::FalseyValueParser::new())]
     pub enable_unsafe_noiommu_mode: bool,
 
+    /// Path of the kubelet's PodResources socket, asked which devices running pods hold
+    /// before a DPDK device is given back to its kernel driver. Empty: do not ask (a
+    /// device is then given back as soon as it is no longer wanted).
+    #[arg(
+        long,
+        env = "ENI_MANAGER_POD_RESOURCES_SOCKET",
+        default_value = "/var/lib/kubelet/pod-resources/kubelet.sock"
+    )]
+    pub pod_resources_socket: PathBuf,
+
+    /// Longest time one sysfs driver operation (bind or release of a device) may take
+    /// before the daemon stops waiting for it, reports it, and carries on (the kernel
+    /// blocks an unbind while a process still holds the device).
+    #[arg(long, env = "ENI_MANAGER_SYSFS_TIMEOUT", default_value = "10s",
+          value_parser = humantime::parse_duration)]
+    pub sysfs_timeout: Duration,
+
     /// Test/demo only (builds with the `test-util` feature): --sysfs-root is a fake
     /// tree; simulate the kernel's side of unbind and drivers_probe on it.
     #[cfg(feature = "test-util")]
@@ -203,6 +220,11 @@ mod tests {
         assert_eq!(c.default_mtu, 9001);
         assert_eq!(c.resync_period, Duration::from_secs(300));
         assert!(!c.stable_names && !c.force_non_ena && !c.enable_unsafe_noiommu_mode);
+        assert_eq!(
+            c.pod_resources_socket,
+            PathBuf::from("/var/lib/kubelet/pod-resources/kubelet.sock")
+        );
+        assert_eq!(c.sysfs_timeout, Duration::from_secs(10));
 
         let c = Config::try_parse_from([
             "eni-manager",

@@ -1,10 +1,10 @@
 //! The reconcile loop: observe -> [`plan::plan`] -> execute, on every NodeENI change,
 //! every netlink link event, and every `--resync-period`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use eni_api::{InterfaceReport, NodeENI};
@@ -15,10 +15,11 @@ use kube::{Api, Client};
 use tokio::sync::{Notify, watch};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::netlink::{LinkEvent, Netlink};
-use crate::plan::{self, Action, Desired, EniPlan, Observed};
+use crate::plan::{self, Action, Desired, EniPlan, Observed, Release};
+use crate::podresources::PodResources;
 use crate::state::{self, EniState, StateFile};
 use crate::sysfs::{self, Binder};
 
@@ -39,7 +40,15 @@ pub struct Settings {
     pub default_mtu: u32,
     /// Add `eth<N>` alternative names.
     pub stable_names: bool,
+    /// Longest wait for one sysfs driver operation (it goes on in the background after).
+    pub sysfs_timeout: Duration,
+    /// The kubelet's PodResources API, asked before a device is given back; `None`: do
+    /// not ask.
+    pub pod_resources: Option<PodResources>,
 }
+
+/// PCI address -> the blocking sysfs operation running on it, and since when.
+type InFlight = Arc<Mutex<BTreeMap<String, (&'static str, Instant)>>>;
 
 /// The node daemon's reconciler.
 #[derive(Debug)]
@@ -51,6 +60,10 @@ pub struct Daemon {
     state: StateFile,
     bound_tx: watch::Sender<Vec<BoundDevice>>,
     metrics: Metrics,
+    /// Driver operations still running on a blocking thread (possibly stuck in the kernel).
+    in_flight: InFlight,
+    /// Devices being given back (advertised Unhealthy until they are gone).
+    releasing: BTreeSet<String>,
 }
 
 /// What one reconcile did.
@@ -99,6 +112,8 @@ impl Daemon {
             binder,
             bound_tx,
             metrics,
+            in_flight: InFlight::default(),
+            releasing: BTreeSet::new(),
         };
         daemon.publish_bound();
         daemon
@@ -123,6 +138,7 @@ impl Daemon {
                     eni_id: e.eni_id.clone(),
                     mac_address: e.mac_address.clone(),
                     device_index: e.device_index,
+                    releasing: self.releasing.contains(e.pci_address.as_deref()?),
                 })
             })
             .collect();
@@ -169,13 +185,27 @@ impl Daemon {
             l.pci_address = sysfs::netdev_pci_address(sys, &l.name);
         }
         let previous = self.state.enis.clone();
-        let pci = Observed::pci_candidates(desired, &links, &previous)
-            .into_iter()
-            .map(|a| {
-                let info = self.binder.inspect(&a).map_err(|e| e.to_string());
-                (a, info)
-            })
-            .collect();
+        let candidates = Observed::pci_candidates(desired, &links, &previous);
+        let binder = self.binder.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            candidates
+                .into_iter()
+                .map(|a| {
+                    let info = binder.inspect(&a).map_err(|e| e.to_string());
+                    (a, info)
+                })
+                .collect()
+        });
+        let pci = match tokio::time::timeout(self.settings.sysfs_timeout, read).await {
+            Ok(Ok(pci)) => pci,
+            Ok(Err(e)) => return Err(Error::SysfsTask(e.to_string())),
+            Err(_) => {
+                return Err(Error::SysfsTask(format!(
+                    "reading PCI devices took longer than {:?}",
+                    self.settings.sysfs_timeout
+                )));
+            }
+        };
         let primary = self.netlink.default_route_links().await?;
         Ok(Observed {
             links,
@@ -197,6 +227,15 @@ impl Daemon {
                 stable_names: self.settings.stable_names,
             },
         );
+
+        // Devices to give back are advertised Unhealthy at once: the kubelet stops
+        // allocating them before anything else happens to them.
+        self.releasing = plan
+            .releases
+            .iter()
+            .filter_map(|r| r.entry.pci_address.clone())
+            .collect();
+        self.publish_bound();
 
         // Record MAC <-> PCI <-> device index before any unbind: the netdev (and with it
         // the only place the kernel shows the MAC) disappears once the device is bound.
@@ -233,22 +272,8 @@ impl Daemon {
                 .or_default()
                 .push(report);
         }
-        for r in &plan.releases {
-            let pci = r.entry.pci_address.as_deref().unwrap_or_default();
-            let span = info_span!("release", pci, eni = %r.entry.eni_id);
-            let _g = span.enter();
-            match self.binder.release(pci, &r.dpdk_driver) {
-                Ok(o) => {
-                    self.metrics.releases.inc();
-                    info!(driver = ?o.info.driver, "device given back to its kernel driver");
-                }
-                Err(e) => {
-                    self.metrics.errors.inc();
-                    error!(error = %e, "cannot give the device back");
-                    entries.push(r.entry.clone());
-                }
-            }
-        }
+        let kept = self.release(&plan, &mut outcome).await;
+        entries.extend(kept);
         self.save_state(entries);
         self.publish_bound();
         self.metrics
@@ -259,6 +284,121 @@ impl Daemon {
             .reconcile_seconds
             .observe(started.elapsed().as_secs_f64());
         Ok(outcome)
+    }
+
+    /// Runs a sysfs driver operation on `pci` on a blocking thread and waits for it up to
+    /// `--sysfs-timeout`. Refuses to start one while an earlier operation on the same
+    /// device has not returned (it may be stuck in the kernel for as long as a process
+    /// holds the device).
+    async fn blocking<T: Send + 'static>(
+        &self,
+        pci: &str,
+        op: &'static str,
+        f: impl FnOnce(&Binder, &str) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        {
+            let mut running = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((op, since)) = running.get(pci) {
+                return Err(Error::SysfsStuck {
+                    pci: pci.to_string(),
+                    op,
+                    elapsed: since.elapsed(),
+                });
+            }
+            running.insert(pci.to_string(), (op, Instant::now()));
+        }
+        let (binder, in_flight, key) =
+            (self.binder.clone(), self.in_flight.clone(), pci.to_string());
+        let task = tokio::task::spawn_blocking(move || {
+            let r = f(&binder, &key);
+            in_flight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key);
+            r
+        });
+        match tokio::time::timeout(self.settings.sysfs_timeout, task).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                self.in_flight
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(pci);
+                Err(Error::SysfsTask(e.to_string()))
+            }
+            Err(_) => Err(Error::SysfsStuck {
+                pci: pci.to_string(),
+                op,
+                elapsed: self.settings.sysfs_timeout,
+            }),
+        }
+    }
+
+    /// Gives back the devices the plan releases, unless a pod still holds one (asked of
+    /// the kubelet first). They are advertised Unhealthy before anything else happens.
+    /// Returns the state entries to keep (deferred or failed releases) and reports why.
+    async fn release(&mut self, plan: &plan::Plan, outcome: &mut Outcome) -> Vec<EniState> {
+        if plan.releases.is_empty() {
+            return Vec::new();
+        }
+        let holders = match &self.settings.pod_resources {
+            Some(pr) => Some(pr.allocated().await.map_err(|e| e.to_string())),
+            None => None,
+        };
+        let mut kept = Vec::new();
+        for r in &plan.releases {
+            let pci = r.entry.pci_address.clone().unwrap_or_default();
+            let span = info_span!("release", pci, eni = %r.entry.eni_id);
+            let problem = async {
+                let in_use = match &holders {
+                    None => None,
+                    Some(Err(e)) => Some(format!(
+                        "InUse: not giving PCI device {pci} back to its kernel driver: {e}; \
+                         retrying (a pod may still hold it)"
+                    )),
+                    Some(Ok(h)) => h.get(&pci).map(|hs| {
+                        let who: Vec<String> = hs.iter().map(ToString::to_string).collect();
+                        format!(
+                            "InUse: PCI device {pci} is allocated to {}; it is given back to its \
+                             kernel driver once no pod holds it",
+                            who.join(", ")
+                        )
+                    }),
+                };
+                if let Some(p) = in_use {
+                    info!(reason = %p, "release deferred");
+                    return Some(p);
+                }
+                let driver = r.dpdk_driver.clone();
+                match self
+                    .blocking(&pci, "release", move |b, pci| b.release(pci, &driver))
+                    .await
+                {
+                    Ok(o) => {
+                        self.metrics.releases.inc();
+                        info!(driver = ?o.info.driver, "device given back to its kernel driver");
+                        None
+                    }
+                    Err(e) => {
+                        self.metrics.errors.inc();
+                        error!(error = %e, "cannot give the device back");
+                        Some(e.to_string())
+                    }
+                }
+            }
+            .instrument(span)
+            .await;
+            match problem {
+                None => {
+                    self.releasing.remove(&pci);
+                }
+                Some(p) => {
+                    kept.push(r.entry.clone());
+                    report_release(outcome, r, p);
+                }
+            }
+        }
+        kept
     }
 
     /// Carries out one ENI's plan; returns its report and state entry.
@@ -300,7 +440,10 @@ impl Daemon {
                         })
                     }
                     Action::Bind { pci, driver } => {
-                        let info = self.binder.bind(pci, driver);
+                        let drv = driver.clone();
+                        let info = self
+                            .blocking(pci, "bind", move |b, pci| b.bind(pci, &drv))
+                            .await;
                         info.map(|o| {
                             if o.changed {
                                 self.metrics.binds.inc();
@@ -359,6 +502,29 @@ impl Daemon {
         .instrument(span)
         .await
     }
+}
+
+/// Puts a deferred or failed release into the reports: on the ENI's own report when it
+/// still has one (DPDK turned off), else as a report of its own (attachment gone).
+fn report_release(outcome: &mut Outcome, r: &Release, problem: String) {
+    let reports = outcome.reports.entry(r.entry.node_eni.clone()).or_default();
+    if let Some(rep) = reports.iter_mut().find(|x| x.eni_id == r.entry.eni_id) {
+        rep.error = Some(problem);
+        rep.pci_address.clone_from(&r.entry.pci_address);
+        rep.driver = Some(r.dpdk_driver.clone());
+        return;
+    }
+    reports.push(InterfaceReport {
+        eni_id: r.entry.eni_id.clone(),
+        mac_address: r.entry.mac_address.clone(),
+        device_index: r.entry.device_index,
+        pci_address: r.entry.pci_address.clone(),
+        driver: Some(r.dpdk_driver.clone()),
+        dpdk_bound: r.entry.dpdk_bound,
+        resource_name: r.entry.resource_name.clone(),
+        error: Some(problem),
+        ..Default::default()
+    });
 }
 
 /// Runs the daemon until `shutdown` completes: watches NodeENIs, reacts to link events,

@@ -88,6 +88,31 @@ pub enum Error {
     /// A netlink socket could not be opened.
     #[error("netlink socket: {0}")]
     NetlinkSocket(std::io::Error),
+    /// The kubelet's PodResources API could not be asked.
+    #[error("cannot ask the kubelet which pods hold devices ({socket}): {reason}")]
+    PodResources {
+        /// The pod-resources socket.
+        socket: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// A sysfs driver operation did not return in time (the kernel blocks an unbind while
+    /// a process holds the device). It goes on in the background.
+    #[error(
+        "PCI device {pci}: {op} has not returned after {elapsed:?} (the kernel blocks \
+         unbinding a device a process still holds); not waiting for it"
+    )]
+    SysfsStuck {
+        /// PCI address.
+        pci: String,
+        /// `bind` or `release`.
+        op: &'static str,
+        /// How long it has been running.
+        elapsed: std::time::Duration,
+    },
+    /// A blocking sysfs task failed (panicked).
+    #[error("sysfs task failed: {0}")]
+    SysfsTask(String),
     /// The process could not start (a listener, a directory, ...).
     #[error("cannot {what}: {source}")]
     Setup {

@@ -9,6 +9,7 @@
 //!   trait (with the `test-util` feature: a simulated kernel and fake trees for tests
 //!   and the local demo);
 //! * [`state`]: the `enis.json` state file shared with cni-helper;
+//! * [`podresources`]: which devices running pods hold (kubelet PodResources `List`);
 //! * [`report`]: this node's `status.nodeReports` entry (server-side apply);
 //! * [`daemon`]: the reconcile loop; [`metrics`]: Prometheus and health endpoints;
 //! * [`app`]: the process wiring `main` calls.
@@ -23,6 +24,7 @@ pub mod error;
 pub mod metrics;
 pub mod netlink;
 pub mod plan;
+pub mod podresources;
 pub mod report;
 pub mod state;
 pub mod sysfs;

@@ -33,16 +33,22 @@ async fn shutdown_signal() {
     tracing::info!("signal received");
 }
 
-// Two workers whatever the node size: the daemon is mostly idle, and every extra worker
-// thread costs memory (its own stack and malloc arena).
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cfg = Config::parse();
     init_tracing(cfg.log_format);
     // Built in one workspace with the controller, rustls may carry two crypto backends
     // (ring, and aws-lc-rs from the AWS SDK); choose one process-wide, as the controller does.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    eni_node::app::run(cfg, shutdown_signal())
-        .await
-        .context("eni-manager")
+    // Two workers whatever the node size: the daemon is mostly idle, and every extra
+    // worker thread costs memory (its own stack and malloc arena).
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let result = runtime.block_on(eni_node::app::run(cfg, shutdown_signal()));
+    // A sysfs write the kernel blocks (unbinding a device a process holds) must not keep
+    // the process from exiting: do not wait for blocking threads at shutdown.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    result.context("eni-manager")
 }

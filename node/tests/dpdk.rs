@@ -78,6 +78,8 @@ fn daemon(state_dir: &Path, spy: Spy) -> (Daemon, watch::Receiver<Vec<BoundDevic
             state_dir: state_dir.to_path_buf(),
             default_mtu: 9001,
             stable_names: false,
+            sysfs_timeout: std::time::Duration::from_secs(10),
+            pod_resources: None,
         },
         netlink,
         Binder::new(
@@ -222,6 +224,7 @@ async fn bind_record_restart_release() {
         eni_id: "eni-a".into(),
         mac_address: MAC.into(),
         device_index: 2,
+        releasing: false,
     }];
     assert_eq!(*rx.borrow(), expected);
     drop(d);

@@ -4,6 +4,8 @@
 //!   kubelet, `DevicePlugin` served by plugins).
 //! * [`pluginregistration::v1`]: the plugin-watcher registration API served by a plugin
 //!   on a socket in the kubelet's `plugins_registry` directory.
+//! * [`podresources::v1`]: the kubelet's PodResources API (`List`: which devices the
+//!   running pods hold), served on the kubelet's pod-resources socket.
 //!
 //! The `.proto` files live in `proto/kubelet/` and are compiled at build time with a
 //! vendored `protoc`, so no system protobuf compiler is needed.
@@ -41,5 +43,17 @@ pub mod pluginregistration {
         pub const DRA_PLUGIN: &str = "DRAPlugin";
         /// Default plugin-watcher directory of the kubelet.
         pub const PLUGINS_REGISTRY_PATH: &str = "/var/lib/kubelet/plugins_registry";
+    }
+}
+
+/// PodResources API.
+pub mod podresources {
+    /// `podresources/v1` (the subset the node daemon reads).
+    #[allow(missing_docs, clippy::all, missing_debug_implementations)]
+    pub mod v1 {
+        tonic::include_proto!("v1");
+
+        /// Default path of the kubelet's pod-resources socket.
+        pub const KUBELET_SOCKET: &str = "/var/lib/kubelet/pod-resources/kubelet.sock";
     }
 }

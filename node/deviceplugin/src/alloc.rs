@@ -282,6 +282,7 @@ mod tests {
                 eni_id: format!("eni-{group}"),
                 mac_address: "02:00:00:00:00:01".into(),
                 device_index: 1,
+                releasing: false,
             },
             facts,
         )

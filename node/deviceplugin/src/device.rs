@@ -116,6 +116,9 @@ impl Health {
 
 /// Health of `device` given what the host says about it.
 pub fn evaluate_health(device: &BoundDevice, facts: &DeviceFacts) -> Health {
+    if device.releasing {
+        return Health::Unhealthy("being given back to its kernel driver".to_owned());
+    }
     if !facts.present {
         return Health::Unhealthy(format!("PCI device {} vanished", device.pci_address));
     }
@@ -218,6 +221,7 @@ mod tests {
             eni_id: "eni-1".into(),
             mac_address: "02:00:00:00:00:01".into(),
             device_index: 1,
+            releasing: false,
         }
     }
 
@@ -236,6 +240,17 @@ mod tests {
     #[test]
     fn healthy_vfio() {
         assert_eq!(evaluate_health(&dev("vfio-pci"), &good()), Health::Healthy);
+    }
+
+    #[test]
+    fn a_device_being_given_back_is_unhealthy() {
+        let mut d = dev("vfio-pci");
+        d.releasing = true;
+        let h = evaluate_health(&d, &good());
+        assert!(
+            matches!(h, Health::Unhealthy(ref r) if r.contains("given back")),
+            "{h:?}"
+        );
     }
 
     #[test]

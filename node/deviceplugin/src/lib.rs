@@ -72,6 +72,10 @@ pub struct BoundDevice {
     pub mac_address: String,
     /// The ENI's device index.
     pub device_index: i32,
+    /// The node daemon is giving the device back to its kernel driver (its ENI no longer
+    /// wants DPDK, or is gone): advertised Unhealthy at once, so the kubelet allocates it
+    /// to no new pod while a pod that still holds it finishes.
+    pub releasing: bool,
 }
 
 /// Runs the device plugin until `shutdown` is cancelled, reading devices from sysfs and

@@ -121,6 +121,7 @@ pub fn bound(pci: &str, resource: &str, driver: &str) -> BoundDevice {
         eni_id: format!("eni-{}", pci.replace([':', '.'], "")),
         mac_address: "02:00:00:00:00:01".into(),
         device_index: 1,
+        releasing: false,
     }
 }
 
