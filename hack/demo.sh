@@ -210,6 +210,8 @@ preflight() {
         [[ -x $ENI_BIN_DIR/$b ]] || die "$ENI_BIN_DIR/$b missing: run make peers"
     done
     [[ -x $PY ]] || die "moto venv missing ($PY): run make peers"
+    "$ENI_BIN_DIR/kubelet-dp" -h 2>&1 | grep -q -- -pod-resources ||
+        die "$ENI_BIN_DIR/kubelet-dp is older than its --pod-resources flag: run make peers"
     for b in eni-controller eni-manager cni-helper; do
         [[ -x $DEMO_BIN_DIR/$b ]] || die "$DEMO_BIN_DIR/$b missing: run make build (or set DEMO_BIN_DIR)"
     done
@@ -351,11 +353,13 @@ start_node_agents() {
     for n in "${NODES[@]}"; do
         d=$DEMO_DIR/$n
         start "kubelet-dp-$n" "$ENI_BIN_DIR/kubelet-dp" --dir "$d/device-plugins" \
+            --pod-resources "$d/pod-resources.sock" \
             --kubeconfig "$DEMO_DIR/kubeconfig" --node-name "$n" --exit-on-stdin-eof=false
         wait_for 20 "kubelet-dp's kubelet.sock for $n" test -S "$d/device-plugins/kubelet.sock"
         start "eni-manager-$n" env KUBECONFIG="$DEMO_DIR/kubeconfig" RUST_LOG=info \
             "$DEMO_BIN_DIR/eni-manager" --node-name "$n" --netns "/var/run/netns/$(node_ns "$n")" \
             --sysfs-root "$d/sys" --state-dir "$d/run" --simulate-pci-kernel --enable-unsafe-noiommu-mode \
+            --pod-resources-socket "$d/pod-resources.sock" \
             --device-plugin-dir "$d/device-plugins" --dev-root "$d/dev" --devinfo-dir "$d/devinfo" \
             --metrics-addr "127.0.0.1:$(free_port)" --resync-period 30s
     done

@@ -99,12 +99,14 @@ pub struct Config {
     pub enable_unsafe_noiommu_mode: bool,
 
     /// Path of the kubelet's PodResources socket, asked which devices running pods hold
-    /// before a DPDK device is given back to its kernel driver. Empty: do not ask (a
-    /// device is then given back as soon as it is no longer wanted).
+    /// before a DPDK device is given back to its kernel driver; while the kubelet does
+    /// not answer, devices are not given back. Empty: do not ask (a device is then given
+    /// back as soon as it is no longer wanted, even from under a pod).
     #[arg(
         long,
         env = "ENI_MANAGER_POD_RESOURCES_SOCKET",
-        default_value = "/var/lib/kubelet/pod-resources/kubelet.sock"
+        default_value = "/var/lib/kubelet/pod-resources/kubelet.sock",
+        value_parser = clap::builder::OsStringValueParser::new().map(PathBuf::from)
     )]
     pub pod_resources_socket: PathBuf,
 
@@ -225,6 +227,14 @@ mod tests {
             PathBuf::from("/var/lib/kubelet/pod-resources/kubelet.sock")
         );
         assert_eq!(c.sysfs_timeout, Duration::from_secs(10));
+        let c = Config::try_parse_from([
+            "eni-manager",
+            "--node-name",
+            "n1",
+            "--pod-resources-socket=",
+        ])
+        .expect("parses");
+        assert_eq!(c.pod_resources_socket, PathBuf::new());
 
         let c = Config::try_parse_from([
             "eni-manager",

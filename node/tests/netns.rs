@@ -383,7 +383,12 @@ async fn dpdk_eni_found_by_mac_is_bound_and_reported() {
         &node,
         &ns.path(),
         dir.path(),
-        &["--simulate-pci-kernel", "--enable-unsafe-noiommu-mode"],
+        // No kubelet here: nobody to ask which pods hold devices.
+        &[
+            "--simulate-pci-kernel",
+            "--enable-unsafe-noiommu-mode",
+            "--pod-resources-socket=",
+        ],
     );
     mgr.wait_ready(Duration::from_secs(30));
     let api: Api<NodeENI> = Api::all(client.clone());

@@ -331,3 +331,53 @@ async fn a_blocked_unbind_does_not_block_the_daemon() {
     }
     assert_eq!(driver(&s.tree).as_deref(), Some("ena"));
 }
+
+#[path = "../deviceplugin/tests/common/kubelet_dp.rs"]
+#[allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+mod kubelet_dp;
+
+/// The same against the kubelet's own PodResources server code
+/// (`k8s.io/kubernetes/pkg/kubelet/apis/podresources`, in the `kubelet-dp` harness built
+/// by hack/peers.sh): a pod holding the device keeps it, and it is given back once the
+/// pod is gone.
+#[tokio::test]
+#[ignore = "integration: needs kubelet-dp from hack/peers.sh"]
+async fn release_waits_for_the_pod_the_kubelets_podresources_server_lists() {
+    let s = setup();
+    let dp_dir = s._dir.path().join("device-plugins");
+    let socket = s.pod_resources.to_string_lossy().into_owned();
+    let mut kubelet = kubelet_dp::KubeletDp::start_quiet(&dp_dir, &["--pod-resources", &socket]);
+    kubelet
+        .expect(Duration::from_secs(20), "pod-resources served", |v| {
+            kubelet_dp::is(v, "pod-resources")
+        })
+        .await;
+    let (mut d, rx) = daemon(
+        &s,
+        Some(PodResources::new(&s.pod_resources, Duration::from_secs(5))),
+    );
+    d.reconcile(&[want()]).await.expect("bind");
+    assert_eq!(driver(&s.tree).as_deref(), Some("vfio-pci"));
+
+    let r = kubelet
+        .command(&format!("hold default/dpdk-app app {RES} {ENA}"))
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    s.sys.sim.clear_writes();
+    let out = d.reconcile(&[]).await.expect("reconcile");
+    let err = error_of(&out);
+    assert!(
+        err.starts_with("InUse:") && err.contains("pod default/dpdk-app (container app"),
+        "{err}"
+    );
+    assert!(s.sys.sim.writes().is_empty(), "{:?}", s.sys.sim.writes());
+    assert!(rx.borrow()[0].releasing);
+
+    let r = kubelet.command("unhold default/dpdk-app").await;
+    assert_eq!(r["ok"], true, "{r}");
+    let out = d.reconcile(&[]).await.expect("reconcile");
+    assert_eq!(error_of(&out), "");
+    assert_eq!(driver(&s.tree).as_deref(), Some("ena"));
+    assert!(rx.borrow().is_empty());
+    kubelet.quit().await;
+}

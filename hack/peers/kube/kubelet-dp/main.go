@@ -18,10 +18,15 @@
 //	  prestart <resource> <id> [<id>...]        PreStartContainer
 //	  bench <resource> <n> <id> [<id>...]       n Allocate calls; p50/p99 in the result
 //	  restart                                   stop, wipe sockets, serve kubelet.sock again
+//	  hold <ns>/<pod> <container> <resource> <id,id...>   a running pod holds devices (PodResources)
+//	  unhold <ns>/<pod>                         the pod is gone (PodResources)
 //	  quit
 //
 // By default it exits when stdin closes; --exit-on-stdin-eof=false keeps it running until
 // SIGINT/SIGTERM, for use as a long-running kubelet stand-in (e.g. the demo).
+//
+// With --pod-resources it serves the kubelet's PodResources v1 API (the kubelet's own
+// server code, see podresources.go) on that socket.
 //
 // With --kubeconfig and --node-name it also writes status.capacity (all devices) and
 // status.allocatable (healthy devices) of the registered resources onto the Node object,
@@ -71,6 +76,8 @@ type harness struct {
 
 	nodes    kubernetes.Interface
 	nodeName string
+
+	pods *podStore
 }
 
 func (h *harness) emit(v map[string]any) {
@@ -361,6 +368,16 @@ func (h *harness) command(line string) (bool, error) {
 			return float64(lat[i].Microseconds())
 		}
 		result(map[string]any{"calls": n, "p50_us": pct(0.50), "p99_us": pct(0.99), "max_us": float64(lat[n-1].Microseconds()), "total_ms": total.Milliseconds()}, nil)
+	case "hold":
+		if !need(5) {
+			return false, nil
+		}
+		result(nil, h.pods.hold(f[1], f[2], f[3], splitIDs(f[4])))
+	case "unhold":
+		if !need(2) {
+			return false, nil
+		}
+		result(nil, h.pods.unhold(f[1]))
 	default:
 		result(nil, fmt.Errorf("unknown command %q", cmd))
 	}
@@ -379,6 +396,7 @@ func main() {
 	registry := flag.String("plugins-registry", "", "optional plugins_registry directory watched by the kubelet plugin manager")
 	kubeconfig := flag.String("kubeconfig", "", "optional kubeconfig: write capacity/allocatable onto the Node")
 	nodeName := flag.String("node-name", "", "Node whose status is written (with --kubeconfig)")
+	podResources := flag.String("pod-resources", "", "optional socket to serve the kubelet's PodResources v1 API on (pods and devices from hold/unhold)")
 	exitOnEOF := flag.Bool("exit-on-stdin-eof", true, "exit when stdin closes; with false, run until SIGINT/SIGTERM (long-running kubelet stand-in)")
 	klogFlags := flag.NewFlagSet("klog", flag.ExitOnError)
 	klog.InitFlags(klogFlags)
@@ -402,6 +420,16 @@ func main() {
 		out:     json.NewEncoder(os.Stdout),
 		plugins: map[string]plugin.DevicePlugin{},
 		devices: map[string][]*api.Device{},
+		pods:    newPodStore(),
+	}
+	if *podResources != "" {
+		srv, err := servePodResources(*podResources, h.pods)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "pod-resources:", err)
+			os.Exit(1)
+		}
+		defer srv.Stop()
+		h.emit(map[string]any{"event": "pod-resources", "socket": *podResources})
 	}
 	if *kubeconfig != "" {
 		if *nodeName == "" {
