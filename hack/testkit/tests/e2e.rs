@@ -287,6 +287,81 @@ async fn demo_flow_nodeeni_to_pod_interface_and_back() {
         assert_eq!(allocatable(&node), Some(want), "{name} allocatable");
     }
 
+    // A dpdkPCIAddress one digit off names the EBS root disk every simulated Nitro node
+    // has (1d0f:8061 at 0000:00:04.0): refused on every node and reported, the disk stays
+    // on nvme, the bound ENA stays bound and advertised.
+    let ebs = "0000:00:04.0";
+    let merge = |v: Value| kube::api::Patch::Merge(v);
+    nodeenis
+        .patch(
+            "multus-dpdk",
+            &kube::api::PatchParams::default(),
+            &merge(serde_json::json!({"spec": {"dpdkPCIAddress": ebs}})),
+        )
+        .await
+        .expect("patch dpdkPCIAddress");
+    for (node, list) in &dpdk {
+        let (eni, _) = &list[0];
+        let report = poll(
+            &format!("{node}: the wrong dpdkPCIAddress reported"),
+            Duration::from_secs(30),
+            || {
+                let nodeenis = nodeenis.clone();
+                async move {
+                    let ne = nodeenis.get("multus-dpdk").await.ok()?;
+                    let r = ne.data["status"]["nodeReports"]
+                        .as_array()?
+                        .iter()
+                        .find(|r| r["nodeName"] == node.as_str())?
+                        .clone();
+                    let i = r["interfaces"]
+                        .as_array()?
+                        .iter()
+                        .find(|i| i["eniID"] == eni.as_str())?
+                        .clone();
+                    i["error"].as_str()?.contains(ebs).then_some(i)
+                }
+            },
+        )
+        .await;
+        assert!(
+            report["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("is not the device of MAC"),
+            "{report}"
+        );
+        let sysfs = nodes
+            .iter()
+            .find(|n| n["name"] == node.as_str())
+            .and_then(|n| n["sysfs"].as_str())
+            .expect("node sysfs");
+        for nvme in ["0000:00:04.0", "0000:00:1e.0", "0000:00:1f.0"] {
+            let link = std::fs::read_link(
+                Path::new(sysfs)
+                    .join("bus/pci/devices")
+                    .join(nvme)
+                    .join("driver"),
+            )
+            .expect("nvme driver link");
+            assert!(link.ends_with("nvme"), "{node} {nvme}: {}", link.display());
+        }
+    }
+    for n in &nodes {
+        let name = n["name"].as_str().expect("name");
+        let want = dpdk.get(name).map_or(0, Vec::len).to_string();
+        let node = nodes_api.get(name).await.expect("node");
+        assert_eq!(allocatable(&node), Some(want), "{name} allocatable");
+    }
+    nodeenis
+        .patch(
+            "multus-dpdk",
+            &kube::api::PatchParams::default(),
+            &merge(serde_json::json!({"spec": {"dpdkPCIAddress": null}})),
+        )
+        .await
+        .expect("remove dpdkPCIAddress");
+
     // The plain ENI: up with MTU 9001 in its node (node-2); node-1's is in the pod as net1.
     let pod = &env["pod"];
     let pod_node = pod["node"].as_str().expect("pod node");
