@@ -481,10 +481,25 @@ impl Daemon {
                 report.mtu = None;
                 p.entry(true)
             } else if d.dpdk.is_some() && p.link.is_none() && (refused || p.problem.is_some()) {
-                // Not ours to record: a refused device, or one we could not even inspect.
-                // (A device whose bind failed half-way stays recorded: its netdev is gone
-                // and the state file is the only place that still maps it to the MAC.)
-                None
+                // A device we bound earlier keeps its record (and stays advertised) while
+                // the NodeENI asks for something we refuse (a wrong dpdkPCIAddress, a second
+                // claimant): the record is the only evidence of which device the MAC has.
+                // Otherwise not ours to record: a refused device, or one we could not even
+                // inspect. (A device whose bind failed half-way stays recorded: its netdev
+                // is gone and the state file is the only place that still maps it to the
+                // MAC.)
+                let kept = self
+                    .state
+                    .enis
+                    .iter()
+                    .find(|e| e.mac_address == d.mac && e.dpdk_bound)
+                    .cloned();
+                if let Some(e) = &kept {
+                    report.dpdk_bound = true;
+                    report.pci_address.clone_from(&e.pci_address);
+                    report.driver.clone_from(&e.driver);
+                }
+                kept
             } else {
                 let mut e = p.entry(false);
                 // A failed bind may leave the device elsewhere: record what sysfs says now.

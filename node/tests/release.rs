@@ -381,3 +381,35 @@ async fn release_waits_for_the_pod_the_kubelets_podresources_server_lists() {
     assert!(rx.borrow().is_empty());
     kubelet.quit().await;
 }
+
+/// A wrong `dpdkPCIAddress` added to a bound ENI (here: the EBS root disk's address) is
+/// refused and reported, and changes nothing: the device stays bound, recorded and
+/// advertised, the disk is not touched.
+#[tokio::test]
+async fn a_wrong_address_on_a_bound_eni_changes_nothing() {
+    let s = setup();
+    s.tree.add_ebs_nvme("0000:00:04.0").expect("ebs");
+    let (mut d, rx) = daemon(&s, None);
+    d.reconcile(&[want()]).await.expect("bind");
+    let before = rx.borrow().clone();
+    assert_eq!(before.len(), 1);
+    s.sys.sim.clear_writes();
+    let mut wrong = want();
+    if let Some(w) = wrong.dpdk.as_mut() {
+        w.pci_address = Some("0000:00:04.0".into());
+    }
+    for _ in 0..2 {
+        let out = d
+            .reconcile(std::slice::from_ref(&wrong))
+            .await
+            .expect("reconcile");
+        let err = error_of(&out);
+        assert!(
+            err.contains("0000:00:04.0") && err.contains("is not the device of MAC"),
+            "{err}"
+        );
+        assert!(s.sys.sim.writes().is_empty(), "{:?}", s.sys.sim.writes());
+        assert_eq!(*rx.borrow(), before);
+        assert_eq!(driver(&s.tree).as_deref(), Some("vfio-pci"));
+    }
+}

@@ -25,14 +25,18 @@ fn repo_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// `target/<profile>` of this test binary (`target/<profile>/deps/e2e-<hash>`).
+/// `$DEMO_BIN_DIR` when set (a shared target directory may hold another checkout's
+/// binaries), else `target/<profile>` of this test binary (`target/<profile>/deps/e2e-<hash>`).
 fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>")
-        .to_path_buf();
+    let dir = std::env::var_os("DEMO_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            exe.parent()
+                .and_then(Path::parent)
+                .expect("target/<profile>")
+                .to_path_buf()
+        });
     for b in ["eni-controller", "eni-manager", "cni-helper"] {
         assert!(
             dir.join(b).is_file(),
