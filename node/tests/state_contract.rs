@@ -3,8 +3,8 @@
 //! not just the types).
 //!
 //! Unit tier, like `dpdk.rs`: fake sysfs tree with the simulated kernel, an unprivileged
-//! rtnetlink socket only to list links; every ENI is DPDK with an explicit PCI address and a
-//! MAC no host interface has.
+//! rtnetlink socket only to list links; every ENI is DPDK with a MAC no host interface has,
+//! its MAC <-> PCI record left by a "previous run" (as after a restart).
 
 use std::sync::Arc;
 
@@ -15,8 +15,9 @@ use cni_helper::state::StateFile as StateDir;
 use eni_node::daemon::{Daemon, Settings};
 use eni_node::metrics::Metrics;
 use eni_node::plan::{Desired, DpdkWant};
+use eni_node::state;
 use eni_node::sysfs::fake::FakeTree;
-use eni_node::sysfs::{Binder, SimKernel};
+use eni_node::sysfs::{Binder, Policy, SimKernel};
 use tokio::sync::watch;
 
 const ENA: &str = "0000:00:07.0";
@@ -48,6 +49,23 @@ async fn cni_helper_resolves_what_the_daemon_wrote() {
     let tree = FakeTree::new(&root).expect("tree");
     tree.add_ena(ENA).expect("ena");
 
+    // What a previous run recorded while the ENI's netdev still existed: the evidence of
+    // which device the MAC has.
+    let mut seed = state::StateFile::empty("n1");
+    seed.enis.push(state::EniState {
+        eni_id: "eni-contract".into(),
+        mac_address: MAC.into(),
+        device_index: 2,
+        network_card_index: 0,
+        node_eni: "dpdk".into(),
+        interface_name: Some("ens7".into()),
+        pci_address: Some(ENA.into()),
+        driver: Some("ena".into()),
+        dpdk_bound: false,
+        resource_name: Some("intel.com/intel_sriov_netdevice".into()),
+    });
+    state::save(&state::path(&state_dir), &seed).expect("seed");
+
     let (tx, _rx) = watch::channel(Vec::new());
     let (netlink, _events) = eni_node::netlink::connect(None).expect("netlink socket");
     let mut daemon = Daemon::new(
@@ -56,9 +74,17 @@ async fn cni_helper_resolves_what_the_daemon_wrote() {
             state_dir: state_dir.clone(),
             default_mtu: 9001,
             stable_names: false,
+            sysfs_timeout: std::time::Duration::from_secs(10),
+            pod_resources: None,
         },
         netlink,
-        Binder::new(Arc::new(SimKernel::new(&root)), false),
+        Binder::new(
+            Arc::new(SimKernel::new(&root)),
+            Policy {
+                force_non_ena: false,
+                allow_noiommu: true,
+            },
+        ),
         tx,
         Metrics::new(),
     );
