@@ -541,6 +541,70 @@ async fn attaching_and_detaching_windows() -> TestResult {
     Ok(())
 }
 
+#[tokio::test]
+#[ignore = "integration: needs moto (make test-integration)"]
+async fn hung_detach_ends_with_a_forced_detach_and_calls_count_per_eni() -> TestResult {
+    // A detach that hangs (10 minutes) until someone forces it.
+    let config = FaultConfig {
+        detach_delay_ms: 600_000,
+        ..FaultConfig::default()
+    };
+    let proxy = proxy(config).await;
+    let ec2 = ec2(&proxy.endpoint);
+    let (instance, subnet) = instance(&ec2).await?;
+    let eni = create_eni(&ec2, &subnet).await?;
+    let attachment = attach(&ec2, &eni, &instance, 1)
+        .await?
+        .attachment_id()
+        .ok_or("no attachment id")?
+        .to_string();
+    ec2.detach_network_interface()
+        .attachment_id(&attachment)
+        .send()
+        .await?;
+    let n = describe_eni(&ec2, &eni).await?;
+    assert_eq!(
+        n.attachment().and_then(|a| a.status()),
+        Some(&AttachmentStatus::Detaching)
+    );
+    // Still hung: a graceful retry changes nothing (moto no longer knows the attachment).
+    let _ = ec2
+        .detach_network_interface()
+        .attachment_id(&attachment)
+        .send()
+        .await;
+    assert_eq!(
+        describe_eni(&ec2, &eni)
+            .await?
+            .attachment()
+            .and_then(|a| a.status()),
+        Some(&AttachmentStatus::Detaching)
+    );
+    ec2.detach_network_interface()
+        .attachment_id(&attachment)
+        .force(true)
+        .send()
+        .await?;
+    let n = describe_eni(&ec2, &eni).await?;
+    assert!(n.attachment().is_none(), "{:?}", n.attachment());
+    assert_eq!(n.status(), Some(&NetworkInterfaceStatus::Available));
+    ec2.delete_network_interface()
+        .network_interface_id(&eni)
+        .send()
+        .await?;
+
+    // create, attach, 3 detaches (found through the attachment), delete.
+    let stats = proxy.stats();
+    let per_eni = stats.enis.get(&eni).ok_or("no counters for the ENI")?;
+    assert_eq!(per_eni.requests, 6, "{per_eni:?}");
+    assert!(
+        stats.enis.keys().all(|k| !k.starts_with("attachment:")),
+        "{:?}",
+        stats.enis.keys()
+    );
+    Ok(())
+}
+
 /// One HTTP/1.0 request to the control endpoints.
 async fn http(addr: &str, method: &str, path: &str, body: &str) -> std::io::Result<String> {
     let mut s = tokio::net::TcpStream::connect(addr).await?;

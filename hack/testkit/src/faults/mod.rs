@@ -11,7 +11,7 @@
 //! * optional `attaching` / `detaching` windows, and hung detaches that only a forced
 //!   detach ends;
 //! * injected 5xx (`error_rate`) and per-action [`FailureRule`]s;
-//! * counters ([`Stats`]) and run-time control over HTTP:
+//! * counters ([`Stats`], also per ENI) and run-time control over HTTP:
 //!   `GET /_faults/stats`, `GET|POST /_faults/config` (JSON merge patch of
 //!   [`FaultConfig`]), `POST /_faults/reset`.
 //!
@@ -279,6 +279,9 @@ struct State {
     detaching: HashMap<String, Detaching>,
     instance_types: HashMap<String, String>,
     limits: HashMap<String, Limits>,
+    /// attachment id -> ENI, learned from successful attaches (a detach names only the
+    /// attachment; per-ENI counters need the ENI).
+    attachment_owner: HashMap<String, String>,
 }
 
 impl State {
@@ -441,6 +444,40 @@ impl Shared {
         lock(&self.stats).record(action, outcome, code);
     }
 
+    /// The ENI a mutating request is about, if the request names it (or names an
+    /// attachment the proxy saw being made). `CreateNetworkInterface` is counted under
+    /// `token:<ClientToken>` until it succeeds, then under the new ENI.
+    fn eni_of(&self, action: &str, params: &Params) -> Option<String> {
+        if bucket::is_describe(action) {
+            return None;
+        }
+        if let Some(eni) = params.get("NetworkInterfaceId") {
+            return Some(eni.to_string());
+        }
+        if let Some(att) = params.get("AttachmentId") {
+            return Some(
+                lock(&self.state)
+                    .attachment_owner
+                    .get(att)
+                    .cloned()
+                    .unwrap_or_else(|| format!("attachment:{att}")),
+            );
+        }
+        if action == "CreateNetworkInterface" {
+            return Some(format!(
+                "token:{}",
+                params.get("ClientToken").unwrap_or_default()
+            ));
+        }
+        None
+    }
+
+    fn record_eni(&self, eni: Option<&str>, outcome: Outcome, code: Option<&str>) {
+        if let Some(eni) = eni {
+            lock(&self.stats).record_eni(eni, outcome, code);
+        }
+    }
+
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let (parts, body) = req.into_parts();
         let body = match body.collect().await {
@@ -463,6 +500,7 @@ impl Shared {
         };
         let auth = parts.headers.get(header::AUTHORIZATION).cloned();
         let config = lock(&self.config).clone();
+        let mut eni = self.eni_of(&action, &params);
 
         if config.latency.max_ms > 0 {
             let ms = rand::rng().random_range(config.latency.min_ms..=config.latency.max_ms);
@@ -478,6 +516,7 @@ impl Shared {
                 message: "Request limit exceeded.".into(),
             };
             self.record(&action, Outcome::Throttled, Some(&e.code));
+            self.record_eni(eni.as_deref(), Outcome::Throttled, Some(&e.code));
             return error_response(&e);
         }
 
@@ -485,6 +524,7 @@ impl Shared {
         let (before, after) = self.take_rules(&action);
         if let Some(e) = before {
             self.record(&action, Outcome::Injected, Some(&e.code));
+            self.record_eni(eni.as_deref(), Outcome::Injected, Some(&e.code));
             return error_response(&e);
         }
         if config.error_rate > 0.0 && rand::rng().random_bool(config.error_rate) {
@@ -494,6 +534,7 @@ impl Shared {
                 message: "An internal error has occurred (injected by ec2-faults)".into(),
             };
             self.record(&action, Outcome::Injected, Some(&e.code));
+            self.record_eni(eni.as_deref(), Outcome::Injected, Some(&e.code));
             return error_response(&e);
         }
 
@@ -542,8 +583,18 @@ impl Shared {
         };
         match result {
             Ok(Answer::Upstream(up)) => {
+                if action == "CreateNetworkInterface"
+                    && up.status.is_success()
+                    && let Some(id) = std::str::from_utf8(&up.body)
+                        .ok()
+                        .and_then(|t| xml::parse(t).ok())
+                        .and_then(|r| r.find_text("networkInterfaceId").map(str::to_string))
+                {
+                    eni = Some(id);
+                }
                 if let Some(e) = after {
                     self.record(&action, Outcome::Injected, Some(&e.code));
+                    self.record_eni(eni.as_deref(), Outcome::Injected, Some(&e.code));
                     return error_response(&e);
                 }
                 let outcome = if up.status.is_success() {
@@ -568,10 +619,12 @@ impl Shared {
                     }
                 }
                 self.record(&action, outcome.0, outcome.1.as_deref());
+                self.record_eni(eni.as_deref(), outcome.0, outcome.1.as_deref());
                 upstream_response(up, body)
             }
             Ok(Answer::Replay(status, body)) => {
                 self.record(&action, Outcome::Replayed, None);
+                self.record_eni(eni.as_deref(), Outcome::Replayed, None);
                 let mut resp = Response::new(Full::new(body));
                 *resp.status_mut() = status;
                 resp.headers_mut()
@@ -580,10 +633,12 @@ impl Shared {
             }
             Err(Reject::Ec2(e)) => {
                 self.record(&action, Outcome::Rejected, Some(&e.code));
+                self.record_eni(eni.as_deref(), Outcome::Rejected, Some(&e.code));
                 error_response(&e)
             }
             Err(Reject::Unreachable(e)) => {
                 self.record(&action, Outcome::UpstreamError, Some(&e.code));
+                self.record_eni(eni.as_deref(), Outcome::UpstreamError, Some(&e.code));
                 error_response(&e)
             }
         }
@@ -931,14 +986,17 @@ impl Call<'_> {
         let answer = self.plain().await?;
         if let Answer::Upstream(up) = &answer
             && up.status.is_success()
-            && self.config.attach_delay_ms > 0
             && let Some(id) = std::str::from_utf8(&up.body)
                 .ok()
                 .and_then(|t| xml::parse(t).ok())
                 .and_then(|r| r.find_text("attachmentId").map(str::to_string))
         {
-            let until = Instant::now() + Duration::from_millis(self.config.attach_delay_ms);
-            lock(&self.shared.state).attaching.insert(id, until);
+            let mut state = lock(&self.shared.state);
+            state.attachment_owner.insert(id.clone(), eni.to_string());
+            if self.config.attach_delay_ms > 0 {
+                let until = Instant::now() + Duration::from_millis(self.config.attach_delay_ms);
+                state.attaching.insert(id, until);
+            }
         }
         Ok(answer)
     }

@@ -74,6 +74,10 @@ pub struct Stats {
     pub mutating: ActionStats,
     /// Sum over `Describe*`/`Get*`/`List*` actions.
     pub describe: ActionStats,
+    /// Mutating requests per ENI they concern (`token:<ClientToken>` for creates that
+    /// produced no ENI, `attachment:<id>` for detaches of attachments the proxy did not
+    /// see being made).
+    pub enis: BTreeMap<String, ActionStats>,
 }
 
 impl Stats {
@@ -90,6 +94,13 @@ impl Stats {
     /// Requests of `Describe*`/`Get*`/`List*` actions (all outcomes).
     pub fn describe_requests(&self) -> u64 {
         self.describe.requests
+    }
+
+    pub(crate) fn record_eni(&mut self, eni: &str, outcome: Outcome, code: Option<&str>) {
+        self.enis
+            .entry(eni.to_string())
+            .or_default()
+            .add(outcome, code);
     }
 
     pub(crate) fn record(&mut self, action: &str, outcome: Outcome, code: Option<&str>) {
