@@ -59,6 +59,9 @@ pub struct CheckConfig {
     /// Mutating EC2 calls that reached EC2 (not throttled, not injected) one ENI may cost
     /// over its life, before edits and out-of-band detaches add to it.
     pub eni_call_budget: u64,
+    /// How long after being cut off from the API server a replica may still start
+    /// mutating EC2 calls (its Lease runs out; issue 12, defect 5).
+    pub lease_loss_grace: std::time::Duration,
 }
 
 /// The ENIs the model wants: every selected Node x every subnet of every NodeENI.
@@ -374,6 +377,24 @@ pub async fn check(world: &mut World, cfg: &CheckConfig) -> Result<CheckResult, 
         });
     }
     r.assertions += 1;
+
+    // A replica cut off from the API server stops mutating EC2 once its lease is lost.
+    let stats = world.faults.stats();
+    for (key, at) in &world.model.cut {
+        let last = stats
+            .clients
+            .get(key)
+            .map(|c| c.last_mutating_unix_ms)
+            .unwrap_or(0);
+        let deadline = at + cfg.lease_loss_grace.as_millis() as u64;
+        r.assert(last <= deadline, || {
+            format!(
+                "{key} was cut off from the API server but made a mutating EC2 call {:.1}s later (allowed: {:?})",
+                (last - at) as f64 / 1000.0,
+                cfg.lease_loss_grace
+            )
+        });
+    }
 
     // No controller panicked.
     for p in world.panics() {

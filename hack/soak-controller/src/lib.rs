@@ -15,6 +15,7 @@
 //! `controller/tests/soak.rs` (part of `make test`).
 
 pub mod check;
+pub mod link;
 pub mod ops;
 pub mod run;
 pub mod world;

@@ -66,6 +66,13 @@ struct Args {
     /// and 2 per out-of-band detach of it).
     #[arg(long, env = "SOAK_ENI_CALL_BUDGET", default_value_t = 8)]
     eni_call_budget: u64,
+    /// How long a replica cut off from the API server may keep starting mutating EC2
+    /// calls (its Lease lasts 15 s).
+    #[arg(long, env = "SOAK_LEASE_LOSS_GRACE", default_value = "18s", value_parser = humantime::parse_duration)]
+    lease_loss_grace: Duration,
+    /// After the last quiet period, no mutating EC2 call may come for this long (0s: off).
+    #[arg(long, env = "SOAK_IDLE_WINDOW", default_value = "15s", value_parser = humantime::parse_duration)]
+    idle_window: Duration,
     /// Directory for controller logs (a sub-directory per run).
     #[arg(long, env = "SOAK_LOG_DIR")]
     log_dir: Option<PathBuf>,
@@ -137,7 +144,9 @@ async fn main() -> anyhow::Result<()> {
         check: CheckConfig {
             draining_keeps_enis: args.draining_keeps_enis,
             eni_call_budget: args.eni_call_budget,
+            lease_loss_grace: args.lease_loss_grace,
         },
+        idle_window: args.idle_window,
         converge_deadline: args.converge_deadline,
         duration: args.duration,
         log_root,

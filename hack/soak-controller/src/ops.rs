@@ -152,6 +152,9 @@ pub enum Kind {
     Start,
     /// kill -9 the replica holding the leader Lease.
     KillLeader,
+    /// Cut the leader off from the API server (it keeps EC2): it must stop mutating EC2
+    /// once its lease is lost, and the other replica must take over.
+    LeaderCut,
     /// EC2 throttling storm (buckets 20x smaller) until the next quiet period.
     Throttle,
     /// EC2 5xx burst (30% InternalError) until the next quiet period.
@@ -192,6 +195,7 @@ impl Kind {
             Kind::Kill => 3,
             Kind::Start => 5,
             Kind::KillLeader => 2,
+            Kind::LeaderCut => 2,
             Kind::Throttle => 2,
             Kind::Errors => 2,
             Kind::Latency => 2,
@@ -282,6 +286,8 @@ pub enum Op {
     },
     /// kill -9 the leader.
     KillLeader,
+    /// Cut the leader off from the API server.
+    LeaderCut,
     /// Throttling storm.
     Throttle,
     /// 5xx burst.
@@ -335,6 +341,7 @@ impl Op {
             Op::Kill { .. } => Kind::Kill,
             Op::Start { .. } => Kind::Start,
             Op::KillLeader => Kind::KillLeader,
+            Op::LeaderCut => Kind::LeaderCut,
             Op::Throttle => Kind::Throttle,
             Op::Errors => Kind::Errors,
             Op::Latency => Kind::Latency,
@@ -374,6 +381,7 @@ impl fmt::Display for Op {
             Op::Kill { replica } => write!(f, "kill -9 replica-{replica}"),
             Op::Start { replica } => write!(f, "start replica-{replica}"),
             Op::KillLeader => write!(f, "kill -9 the leader"),
+            Op::LeaderCut => write!(f, "cut the leader off from the API server"),
             Op::Throttle => write!(f, "EC2 throttling storm"),
             Op::Errors => write!(f, "EC2 5xx burst"),
             Op::Latency => write!(f, "EC2 latency spike"),
@@ -440,7 +448,7 @@ pub fn generate(seed: u64, count: usize, enabled: &BTreeSet<Kind>) -> Vec<Op> {
                 Kind::NodeeniEdit | Kind::NodeeniDelete | Kind::NodeeniRecreate => {
                     nes.contains(&true)
                 }
-                Kind::Kill | Kind::KillLeader => replicas.contains(&true),
+                Kind::Kill | Kind::KillLeader | Kind::LeaderCut => replicas.contains(&true),
                 Kind::Start => replicas.contains(&false),
                 Kind::ForeignAttach => nodes.contains(&NodeState::Present),
                 Kind::ForeignRemove => foreign > 0,
@@ -556,13 +564,17 @@ pub fn generate(seed: u64, count: usize, enabled: &BTreeSet<Kind>) -> Vec<Op> {
                 replicas[replica as usize] = true;
                 Op::Start { replica }
             }
-            Kind::KillLeader => {
+            Kind::KillLeader | Kind::LeaderCut => {
                 // Which one is leader is known only at run time; the shadow model
                 // assumes the first running one (only used for applicability).
                 if let Some(r) = replicas.iter_mut().find(|r| **r) {
                     *r = false;
                 }
-                Op::KillLeader
+                if *kind == Kind::KillLeader {
+                    Op::KillLeader
+                } else {
+                    Op::LeaderCut
+                }
             }
             Kind::Throttle => Op::Throttle,
             Kind::Errors => Op::Errors,

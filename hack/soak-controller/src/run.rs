@@ -33,6 +33,9 @@ pub struct RunConfig {
     pub duration: Option<Duration>,
     /// Where controller logs go (a sub-directory per run).
     pub log_root: PathBuf,
+    /// After the last quiet period, no mutating EC2 call may come for this long (zero:
+    /// not checked).
+    pub idle_window: Duration,
 }
 
 /// A failed quiet period.
@@ -76,7 +79,7 @@ pub async fn run(cfg: &RunConfig, ops: &[Op], label: &str) -> Result<Report, Err
     let started = Instant::now();
     let log_dir = cfg.log_root.join(label);
     let mut world = World::start(&cfg.controller, cfg.timing.clone(), log_dir.clone()).await?;
-    world.start_replica(0)?;
+    world.start_replica(0).await?;
     let mut rng = StdRng::seed_from_u64(cfg.seed ^ 0x5eed_9a05e);
     let mut report = Report {
         log_dir,
@@ -98,7 +101,16 @@ pub async fn run(cfg: &RunConfig, ops: &[Op], label: &str) -> Result<Report, Err
             report.ops_run += 1;
             *report.by_kind.entry("quiet".into()).or_default() += 1;
             let t = Instant::now();
-            let (passed, result) = quiet(&mut world, cfg).await?;
+            let (mut passed, mut result) = quiet(&mut world, cfg).await?;
+            let last = stop || ops[i + 1..].iter().all(|o| *o == Op::Quiet);
+            if passed
+                && last
+                && !cfg.idle_window.is_zero()
+                && let Some(v) = idle(&world, cfg.idle_window).await
+            {
+                passed = false;
+                result.violations.push(v);
+            }
             if passed {
                 report.quiet_passed += 1;
                 report.assertions_passed += result.assertions;
@@ -243,13 +255,20 @@ async fn apply(world: &mut World, op: &Op) -> Result<bool, Error> {
             if m.replicas.contains(replica) {
                 false
             } else {
-                world.start_replica(*replica)?;
+                world.start_replica(*replica).await?;
                 true
             }
         }
         Op::KillLeader => match world.leader().await {
             Some(r) if world.model.replicas.contains(&r) => {
                 world.kill_replica(r);
+                true
+            }
+            _ => false,
+        },
+        Op::LeaderCut => match world.leader().await {
+            Some(r) if world.model.replicas.contains(&r) => {
+                world.cut_replica(r);
                 true
             }
             _ => false,
@@ -298,25 +317,51 @@ async fn apply(world: &mut World, op: &Op) -> Result<bool, Error> {
 }
 
 /// Faults off, a replica running, then poll the invariants until they all hold or the
-/// deadline passes. Returns whether they held and the last check.
+/// deadline passes. Returns whether they held and the last check. Replicas cut off from
+/// the API server stay up until their lease-loss grace has passed (so a replica that
+/// keeps acting is caught), then they are killed.
 async fn quiet(world: &mut World, cfg: &RunConfig) -> Result<(bool, CheckResult), Error> {
     world.faults_off();
-    world.ensure_replicas()?;
+    world.ensure_replicas().await?;
     let end = Instant::now() + cfg.converge_deadline;
-    loop {
+    let grace_ms = cfg.check.lease_loss_grace.as_millis() as u64;
+    let result = loop {
         world.flush_recreates().await?;
-        world.ensure_replicas()?;
+        world.ensure_replicas().await?;
         let result = check::check(world, &cfg.check).await?;
-        if result.violations.is_empty() {
-            return Ok((true, result));
+        let waiting_for_cut = world
+            .model
+            .cut
+            .iter()
+            .any(|(_, at)| crate::world::unix_ms() < at + grace_ms + 2000);
+        if result.violations.is_empty() && !waiting_for_cut {
+            break (true, result);
         }
         if Instant::now() >= end {
-            return Ok((false, result));
+            break (false, result);
         }
         // The poll interval of this deadline-bound poll: moto and the controller share
         // two cores, so the invariants (a full describe) are read twice a second.
         tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    };
+    world.end_cut_offs();
+    Ok(result)
+}
+
+/// After convergence: no mutating EC2 call for `window` (a resync pass included).
+async fn idle(world: &World, window: Duration) -> Option<String> {
+    let before = world.faults.stats().mutating.requests;
+    let moved = eventually(window, || async {
+        let now = world.faults.stats().mutating.requests;
+        (now > before).then_some(now)
+    })
+    .await;
+    moved.map(|now| {
+        format!(
+            "{} mutating EC2 calls within {window:?} after convergence (idle)",
+            now - before
+        )
+    })
 }
 
 /// Outcome of a soak with shrinking.

@@ -19,6 +19,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use tracing::{debug, info, warn};
 
 use crate::Error;
+use crate::link::ApiLink;
 use crate::ops::{self, GROUPS, NODEENIS, NODES, REPLICAS, SUBNETS, Spec};
 
 /// The controller's `--cluster-name`.
@@ -95,6 +96,9 @@ pub struct Model {
     pub oob_detaches: BTreeMap<String, u32>,
     /// Every cluster ENI ever seen, with its NodeENI tag (for budgets of deleted ENIs).
     pub seen_enis: BTreeMap<String, String>,
+    /// Replica processes cut off from the API server: (EC2 access key of that process,
+    /// when it was cut, in ms since the Unix epoch).
+    pub cut: Vec<(String, u64)>,
 }
 
 /// The running world.
@@ -120,7 +124,9 @@ pub struct World {
     image: String,
     controller: PathBuf,
     timing: ControllerTiming,
-    replicas: BTreeMap<u8, Child>,
+    replicas: BTreeMap<u8, (Child, ApiLink, String)>,
+    /// Replicas cut off from the API server, left running until the quiet period ends.
+    cut_off: Vec<(Child, ApiLink)>,
     starts: usize,
     /// Unexpected controller exits seen (the process died without the harness killing it).
     pub unexpected_exits: Vec<String>,
@@ -256,6 +262,7 @@ impl World {
             controller: controller.to_path_buf(),
             timing,
             replicas: BTreeMap::new(),
+            cut_off: Vec::new(),
             starts: 0,
             unexpected_exits: Vec::new(),
             log_dir,
@@ -278,26 +285,52 @@ impl World {
 
     // ---- controllers ----
 
-    /// Starts replica `r` (no-op if it runs).
-    pub fn start_replica(&mut self, r: u8) -> Result<(), Error> {
-        if let Some(c) = self.replicas.get_mut(&r)
+    /// Starts replica `r` (no-op if it runs). Each start gets its own EC2 access key
+    /// (`replica-R-N`, so the fault layer counts its calls apart) and its own link to the
+    /// API server (so it alone can be cut off).
+    pub async fn start_replica(&mut self, r: u8) -> Result<(), Error> {
+        if let Some((c, _, _)) = self.replicas.get_mut(&r)
             && c.running()
         {
             self.model.replicas.insert(r);
             return Ok(());
         }
         self.starts += 1;
+        let key = format!("replica-{r}-{}", self.starts);
+        let upstream: std::net::SocketAddr = self
+            .api
+            .url
+            .trim_start_matches("https://")
+            .parse()
+            .map_err(|e| Error::Ec2(format!("API server address {}: {e}", self.api.url)))?;
+        let link = ApiLink::start(upstream).await.map_err(|source| Error::Io {
+            what: "start an API link".into(),
+            source,
+        })?;
+        let admin = std::fs::read_to_string(&self.api.kubeconfig).map_err(|source| Error::Io {
+            what: "read the kubeconfig".into(),
+            source,
+        })?;
+        let kubeconfig = self.log_dir.join(format!("kubeconfig-{key}"));
+        std::fs::write(
+            &kubeconfig,
+            admin.replace(&self.api.url, &format!("https://127.0.0.1:{}", link.port)),
+        )
+        .map_err(|source| Error::Io {
+            what: "write a kubeconfig".into(),
+            source,
+        })?;
         let t = &self.timing;
         let args: Vec<String> = vec![
-            "AWS_ACCESS_KEY_ID=testing".into(),
+            format!("AWS_ACCESS_KEY_ID={key}"),
             "AWS_SECRET_ACCESS_KEY=testing".into(),
             "AWS_REGION=us-east-1".into(),
             "AWS_EC2_METADATA_DISABLED=true".into(),
-            format!("KUBECONFIG={}", self.api.kubeconfig.display()),
+            format!("KUBECONFIG={}", kubeconfig.display()),
             self.controller.display().to_string(),
             format!("--cluster-name={CLUSTER}"),
             "--leader-elect=true".into(),
-            format!("--pod-name=replica-{r}"),
+            format!("--pod-name={key}"),
             format!("--leader-election-namespace={LEASE_NAMESPACE}"),
             "--metrics-addr=127.0.0.1:0".into(),
             "--in-flight-poll-interval=200ms".into(),
@@ -313,9 +346,7 @@ impl World {
             "--log-level=info,eni_controller=debug".into(),
             format!("--ec2-endpoint={}", self.faults.endpoint),
         ];
-        let log = self
-            .log_dir
-            .join(format!("controller-{:03}-replica-{r}.log", self.starts));
+        let log = self.log_dir.join(format!("controller-{key}.log"));
         let child = Child::spawn(
             &format!("replica-{r}"),
             Path::new("/usr/bin/env"),
@@ -323,14 +354,38 @@ impl World {
             &log,
         )?;
         info!(replica = r, pid = child.pid(), log = %log.display(), "controller started");
-        self.replicas.insert(r, child);
+        self.replicas.insert(r, (child, link, key));
         self.model.replicas.insert(r);
         Ok(())
     }
 
+    /// Cuts replica `r` off from the API server (EC2 stays reachable). The process keeps
+    /// running until [`end_cut_offs`](Self::end_cut_offs).
+    pub fn cut_replica(&mut self, r: u8) {
+        if let Some((child, link, key)) = self.replicas.remove(&r) {
+            info!(
+                replica = r,
+                pid = child.pid(),
+                "cut off from the API server"
+            );
+            link.cut();
+            self.model.cut.push((key, unix_ms()));
+            self.cut_off.push((child, link));
+        }
+        self.model.replicas.remove(&r);
+    }
+
+    /// Kills the replicas that were cut off.
+    pub fn end_cut_offs(&mut self) {
+        for (mut child, _link) in self.cut_off.drain(..) {
+            child.kill();
+        }
+        self.model.cut.clear();
+    }
+
     /// kill -9 replica `r`.
     pub fn kill_replica(&mut self, r: u8) {
-        if let Some(mut c) = self.replicas.remove(&r) {
+        if let Some((mut c, _, _)) = self.replicas.remove(&r) {
             info!(replica = r, pid = c.pid(), "kill -9");
             c.kill();
         }
@@ -342,30 +397,33 @@ impl World {
         let leases: Api<Lease> = Api::namespaced(self.kube.clone(), LEASE_NAMESPACE);
         let lease = leases.get_opt(LEASE_NAME).await.ok().flatten()?;
         let holder = lease.spec?.holder_identity?;
-        holder.strip_prefix("replica-")?.parse().ok()
+        self.replicas
+            .iter()
+            .find(|(_, (_, _, key))| *key == holder)
+            .map(|(r, _)| *r)
     }
 
     /// Replicas that died on their own are noted and started again; if none runs, starts
-    /// replica 0.
-    pub fn ensure_replicas(&mut self) -> Result<(), Error> {
+    /// one.
+    pub async fn ensure_replicas(&mut self) -> Result<(), Error> {
         let dead: Vec<u8> = self
             .replicas
             .iter_mut()
-            .filter_map(|(r, c)| (!c.running()).then_some(*r))
+            .filter_map(|(r, (c, _, _))| (!c.running()).then_some(*r))
             .collect();
         for r in dead {
-            if let Some(c) = self.replicas.remove(&r) {
+            if let Some((c, _, _)) = self.replicas.remove(&r) {
                 let msg = format!("replica-{r} exited on its own (log {})", c.log().display());
                 warn!("{msg}");
                 self.unexpected_exits.push(msg);
             }
             if self.model.replicas.contains(&r) {
                 self.model.replicas.remove(&r);
-                self.start_replica(r)?;
+                self.start_replica(r).await?;
             }
         }
         if self.model.replicas.is_empty() {
-            self.start_replica(0)?;
+            self.start_replica(0).await?;
         }
         Ok(())
     }
@@ -625,8 +683,16 @@ impl World {
             }
             self.model.pending_recreate.remove(&ne);
             if let Some(spec) = self.model.nodeenis.get(&ne).cloned() {
+                // Server-side apply, like every other write of a NodeENI: one field
+                // manager owns the spec, so a later apply drops what it leaves out.
                 let obj = self.nodeeni_object(ne, &spec)?;
-                self.nodeenis().create(&PostParams::default(), &obj).await?;
+                self.nodeenis()
+                    .patch(
+                        &name,
+                        &PatchParams::apply("soak").force(),
+                        &Patch::Apply(&obj),
+                    )
+                    .await?;
                 debug!(nodeeni = %name, "re-created");
             }
         }
@@ -855,6 +921,14 @@ impl World {
             .map_err(|e| ec2_err("delete foreign ENI", e))?;
         Ok(Some(f.id))
     }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
 }
 
 /// Description variant `d` of a spec.

@@ -42,7 +42,7 @@ use rand::Rng;
 use tokio::task::JoinHandle;
 
 pub use config::{BucketSpec, FailureRule, FaultConfig, LatencyConfig, ThrottleConfig};
-pub use stats::{ActionStats, Outcome, Stats};
+pub use stats::{ActionStats, ClientStats, Outcome, Stats};
 
 use bucket::Buckets;
 use xml::{Edits, Element};
@@ -363,6 +363,14 @@ impl Params {
     }
 }
 
+/// The access key ID of a SigV4 `Authorization` header (`... Credential=AKID/date/...`).
+fn access_key_id(auth: &HeaderValue) -> Option<String> {
+    let text = auth.to_str().ok()?;
+    let cred = text.split("Credential=").nth(1)?;
+    let id = cred.split('/').next()?;
+    (!id.is_empty()).then(|| id.to_string())
+}
+
 fn request_id() -> String {
     let n: u128 = rand::rng().random();
     let h = format!("{n:032x}");
@@ -501,6 +509,13 @@ impl Shared {
         let auth = parts.headers.get(header::AUTHORIZATION).cloned();
         let config = lock(&self.config).clone();
         let mut eni = self.eni_of(&action, &params);
+        if let Some(client) = auth.as_ref().and_then(access_key_id) {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or_default();
+            lock(&self.stats).record_client(&client, &action, now);
+        }
 
         if config.latency.max_ms > 0 {
             let ms = rand::rng().random_range(config.latency.min_ms..=config.latency.max_ms);
@@ -1359,6 +1374,15 @@ fn parse_limits(root: &Element) -> Option<Limits> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn access_key_of_a_signature() {
+        let h = HeaderValue::from_static(
+            "AWS4-HMAC-SHA256 Credential=replica-1/20261130/us-east-1/ec2/aws4_request, SignedHeaders=host, Signature=ab",
+        );
+        assert_eq!(access_key_id(&h).as_deref(), Some("replica-1"));
+        assert_eq!(access_key_id(&HeaderValue::from_static("Bearer x")), None);
+    }
 
     #[test]
     fn params_parse_form_and_fingerprint() {

@@ -78,6 +78,20 @@ pub struct Stats {
     /// produced no ENI, `attachment:<id>` for detaches of attachments the proxy did not
     /// see being made).
     pub enis: BTreeMap<String, ActionStats>,
+    /// Requests per client (the access key ID of the request's signature).
+    pub clients: BTreeMap<String, ClientStats>,
+}
+
+/// What one client (access key ID) sent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ClientStats {
+    /// Mutating requests (all outcomes).
+    pub mutating: u64,
+    /// `Describe*`/`Get*`/`List*` requests.
+    pub describe: u64,
+    /// When the last mutating request arrived (milliseconds since the Unix epoch).
+    pub last_mutating_unix_ms: u64,
 }
 
 impl Stats {
@@ -94,6 +108,16 @@ impl Stats {
     /// Requests of `Describe*`/`Get*`/`List*` actions (all outcomes).
     pub fn describe_requests(&self) -> u64 {
         self.describe.requests
+    }
+
+    pub(crate) fn record_client(&mut self, client: &str, action: &str, now_unix_ms: u64) {
+        let c = self.clients.entry(client.to_string()).or_default();
+        if super::bucket::is_describe(action) {
+            c.describe += 1;
+        } else {
+            c.mutating += 1;
+            c.last_mutating_unix_ms = now_unix_ms;
+        }
     }
 
     pub(crate) fn record_eni(&mut self, eni: &str, outcome: Outcome, code: Option<&str>) {
