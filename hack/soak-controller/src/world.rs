@@ -731,9 +731,9 @@ impl World {
         });
     }
 
-    /// Detaches hang until forced (10 minutes).
+    /// Graceful detaches hang until forced.
     pub fn hung_detaches(&self) {
-        self.faults(|c| c.detach_delay_ms = 600_000);
+        self.faults(|c| c.hang_detaches = true);
     }
 
     // ---- EC2, directly ----
