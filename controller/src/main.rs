@@ -1,13 +1,13 @@
 //! eni-controller binary.
 
 use anyhow::Context as _;
-use clap::Parser;
 use eni_controller::config::{Cli, Command, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let cli = Cli::parse_with_env(std::env::args_os(), |name| std::env::var_os(name))
+        .unwrap_or_else(|e| e.exit());
     if let Some(Command::Crd) = cli.command {
         print!("{}", eni_api::crd_yaml()?);
         return Ok(());

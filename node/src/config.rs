@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::builder::TypedValueParser;
-use clap::{Parser, ValueEnum};
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, ValueEnum};
 use eni_deviceplugin::{Config as DevicePluginConfig, RegistrationMode};
 
 /// Log output format.
@@ -25,12 +25,14 @@ pub enum LogFormat {
 /// `status.nodeReports` of each NodeENI. It reacts to netlink link events, so a
 /// hot-plugged ENI is configured within a second, and resyncs periodically.
 ///
-/// Every flag can also be set through the environment variable shown with it.
+/// Every flag can also be set through the environment variable shown with it
+/// (`NODE_NAME` is still read when `ENI_MANAGER_NODE_NAME` is unset). Boolean flags take
+/// `--flag`, `--flag=true` or `--flag=false` (also yes/no, on/off, 1/0).
 #[derive(Debug, Clone, Parser)]
 #[command(name = "eni-manager", version, about, long_about)]
 pub struct Config {
     /// Name of the Kubernetes Node this daemon runs on (from the downward API).
-    #[arg(long, env = "NODE_NAME")]
+    #[arg(long, env = "ENI_MANAGER_NODE_NAME")]
     pub node_name: String,
 
     /// Root of the sysfs tree (PCI devices, drivers). Tests point it at a fake tree.
@@ -58,7 +60,7 @@ pub struct Config {
     /// (`master: eth2`) while `ens7` keeps working.
     #[arg(long, env = "ENI_MANAGER_STABLE_NAMES", default_value_t = false,
           action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
-          value_parser = clap::builder::FalseyValueParser::new())]
+          value_parser = clap::builder::BoolishValueParser::new())]
     pub stable_names: bool,
 
     /// Operate netlink inside this network namespace (e.g. /var/run/netns/node1) while
@@ -85,7 +87,7 @@ pub struct Config {
     /// store share the ENA's vendor id), bridges and accelerators are always refused.
     #[arg(long, env = "ENI_MANAGER_FORCE_NON_ENA", default_value_t = false,
           action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
-          value_parser = clap::builder::FalseyValueParser::new())]
+          value_parser = clap::builder::BoolishValueParser::new())]
     pub force_non_ena: bool,
 
     /// Let vfio-pci take devices that have no IOMMU group by switching on vfio's
@@ -122,7 +124,7 @@ pub struct Config {
     #[cfg(feature = "test-util")]
     #[arg(long, env = "ENI_MANAGER_SIMULATE_PCI_KERNEL", hide = true, default_value_t = false,
           action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
-          value_parser = clap::builder::FalseyValueParser::new())]
+          value_parser = clap::builder::BoolishValueParser::new())]
     pub simulate_pci_kernel: bool,
 
     /// Serve the kubelet device plugin (deviceplugin/v1beta1) that advertises DPDK-bound
@@ -130,7 +132,7 @@ pub struct Config {
     /// `intel.com/intel_sriov_netdevice`). `--device-plugin=false` turns it off.
     #[arg(long, env = "ENI_MANAGER_DEVICE_PLUGIN", default_value_t = true,
           action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
-          value_parser = clap::builder::FalseyValueParser::new())]
+          value_parser = clap::builder::BoolishValueParser::new())]
     pub device_plugin: bool,
 
     /// Directory holding the kubelet's `kubelet.sock` and (in `device-plugin`
@@ -179,7 +181,40 @@ pub struct Config {
     pub devinfo_dir: PathBuf,
 }
 
+/// Older environment variable names, read when the current one (first) is unset.
+pub const ENV_ALIASES: &[(&str, &str)] = &[("ENI_MANAGER_NODE_NAME", "NODE_NAME")];
+
 impl Config {
+    /// Parses the command line; environment variables are read through `env` (the process
+    /// environment in `main`). Precedence: command line, the flag's environment variable,
+    /// its older name ([`ENV_ALIASES`]), the default.
+    pub fn parse_with_env<I, T>(
+        args: I,
+        env: impl Fn(&str) -> Option<std::ffi::OsString>,
+    ) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        // An environment value becomes the flag's default: below the command line, above
+        // the built-in default, and checked by the same value parser.
+        let cmd = Self::command().mut_args(|arg| {
+            let Some(name) = arg.get_env().and_then(|n| n.to_str()).map(str::to_owned) else {
+                return arg;
+            };
+            let older = ENV_ALIASES.iter().filter(|(new, _)| *new == name);
+            let value = std::iter::once(name.as_str())
+                .chain(older.map(|(_, old)| *old))
+                .find_map(&env);
+            match value {
+                // A value from the environment satisfies a required flag.
+                Some(v) => arg.default_value(v).required(false),
+                None => arg,
+            }
+        });
+        Self::from_arg_matches(&cmd.try_get_matches_from(args)?)
+    }
+
     /// The device plugin's settings (`None` when `--device-plugin=false`).
     pub fn device_plugin_config(&self) -> Option<DevicePluginConfig> {
         self.device_plugin.then(|| DevicePluginConfig {
@@ -212,6 +247,77 @@ mod tests {
             }
             assert!(arg.get_env().is_some(), "--{id} has no env var");
         }
+    }
+
+    fn parse_env(args: &[&str], env: &[(&str, &str)]) -> Result<Config, clap::Error> {
+        let argv = std::iter::once("eni-manager").chain(args.iter().copied());
+        Config::parse_with_env(argv, |name| {
+            env.iter().find(|(k, _)| *k == name).map(|(_, v)| v.into())
+        })
+    }
+
+    #[test]
+    fn every_boolean_flag_takes_the_bare_and_the_explicit_forms_and_its_env_var() {
+        let bools: [(&str, bool, fn(&Config) -> bool); 4] = [
+            ("stable-names", false, |c| c.stable_names),
+            ("force-non-ena", false, |c| c.force_non_ena),
+            ("simulate-pci-kernel", false, |c| c.simulate_pci_kernel),
+            ("device-plugin", true, |c| c.device_plugin),
+        ];
+        let cmd = Config::command();
+        let found: Vec<&str> = cmd
+            .get_arguments()
+            .filter(|a| {
+                a.get_value_parser().type_id() == clap::builder::ValueParser::bool().type_id()
+            })
+            .filter_map(|a| a.get_long())
+            .collect();
+        let listed: Vec<&str> = bools.iter().map(|(f, _, _)| *f).collect();
+        assert_eq!(found, listed, "a boolean flag is missing from this test");
+        for (flag, default, get) in bools {
+            let env = cmd
+                .get_arguments()
+                .find(|a| a.get_long() == Some(flag))
+                .and_then(|a| a.get_env())
+                .and_then(|e| e.to_str())
+                .expect("env var")
+                .to_owned();
+            let with = |extra: &[&str], env: &[(&str, &str)]| {
+                let mut args = vec!["--node-name=n1"];
+                args.extend_from_slice(extra);
+                get(&parse_env(&args, env).unwrap_or_else(|e| panic!("{flag} {extra:?}: {e}")))
+            };
+            assert_eq!(with(&[], &[]), default, "--{flag} default");
+            assert!(with(&[&format!("--{flag}")], &[]));
+            assert!(with(&[&format!("--{flag}=true")], &[]));
+            assert!(!with(&[&format!("--{flag}=false")], &[]));
+            // Followed by another flag, the bare form does not swallow it.
+            assert!(with(&[&format!("--{flag}"), "--default-mtu=1500"], &[]));
+            for (value, want) in [("true", true), ("false", false), ("1", true), ("0", false)] {
+                assert_eq!(with(&[], &[(&env, value)]), want, "{env}={value}");
+            }
+            assert!(!with(&[&format!("--{flag}=false")], &[(&env, "true")]));
+            assert!(parse_env(&["--node-name=n1", &format!("--{flag}=ture")], &[]).is_err());
+            assert!(parse_env(&["--node-name=n1"], &[(&env, "ture")]).is_err());
+        }
+    }
+
+    #[test]
+    fn one_env_prefix_and_the_older_names_still_work() {
+        for arg in Config::command().get_arguments() {
+            let Some(env) = arg.get_env().and_then(|e| e.to_str()) else {
+                continue;
+            };
+            assert!(
+                env.starts_with("ENI_MANAGER_"),
+                "{env} lacks the ENI_MANAGER_ prefix"
+            );
+        }
+        let c = parse_env(&[], &[("NODE_NAME", "old")]).expect("parses");
+        assert_eq!(c.node_name, "old");
+        let env = [("ENI_MANAGER_NODE_NAME", "new"), ("NODE_NAME", "old")];
+        assert_eq!(parse_env(&[], &env).expect("parses").node_name, "new");
+        assert!(parse_env(&[], &[]).is_err(), "the node name is required");
     }
 
     #[test]

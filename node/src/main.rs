@@ -1,7 +1,6 @@
 //! `eni-manager`: see `eni-manager --help` and the crate docs.
 
 use anyhow::Context as _;
-use clap::Parser;
 use eni_node::config::{Config, LogFormat};
 use tracing_subscriber::EnvFilter;
 
@@ -34,7 +33,8 @@ async fn shutdown_signal() {
 }
 
 fn main() -> anyhow::Result<()> {
-    let cfg = Config::parse();
+    let cfg = Config::parse_with_env(std::env::args_os(), |name| std::env::var_os(name))
+        .unwrap_or_else(|e| e.exit());
     init_tracing(cfg.log_format);
     // Built in one workspace with the controller, rustls may carry two crypto backends
     // (ring, and aws-lc-rs from the AWS SDK); choose one process-wide, as the controller does.

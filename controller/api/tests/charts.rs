@@ -404,14 +404,14 @@ fn rendered_objects_have_the_documented_names_and_privileges() {
         .iter()
         .map(|e| (e["name"].as_str().expect("name").to_string(), e.clone()))
         .collect();
-    assert_eq!(env["CLUSTER_NAME"]["value"], "test-cluster");
-    assert_eq!(env["LEADER_ELECT"]["value"], "true");
+    assert_eq!(env["ENI_CONTROLLER_CLUSTER_NAME"]["value"], "test-cluster");
+    assert_eq!(env["ENI_CONTROLLER_LEADER_ELECT"]["value"], "true");
     assert_eq!(
-        env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"],
+        env["ENI_CONTROLLER_LEADER_ELECTION_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"],
         "metadata.namespace"
     );
     assert_eq!(
-        env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"],
+        env["ENI_CONTROLLER_POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"],
         "metadata.name"
     );
     // No wildcard anywhere in the controller's RBAC.
