@@ -68,6 +68,10 @@ test-integration: peers ## Integration tests against the real peers (root for ne
 crd: ## Regenerate the committed CRD from the Rust types.
 	$(CARGO) run -q -p eni-api --example print-crd > charts/aws-multi-eni-controller/crds/nodeenis.networking.k8s.aws.yaml
 
+.PHONY: chart-docs
+chart-docs: peers ## Regenerate the charts' README values tables from the values.yaml comments (helm-docs).
+	"$(ENI_BIN_DIR)/helm-docs" --chart-search-root charts --sort-values-order file --log-level warning
+
 .PHONY: clean-cache
 clean-cache: ## Remove the build cache (peers, target dir, Go caches).
 	rm -rf $(ENI_CACHE_DIR)

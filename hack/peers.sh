@@ -6,6 +6,7 @@
 #   kubelet-dp harness               the kubelet's device manager (hack/peers/kube/kubelet-dp)
 #   etcd v3.6                        Go module proxy (hack/peers/etcd)
 #   helm v3, multus v4.3.0, cnitool  Go module proxy (hack/peers/{helm,multus,cnitool})
+#   helm-docs v1.14                  Go module proxy (hack/peers/helm-docs): chart READMEs
 #   CNI plugins, iproute2            Debian packages
 #   moto[server]                     PyPI, in a venv under $ENI_CACHE_DIR
 #
@@ -73,6 +74,7 @@ if [[ ${1:-} != --print ]]; then
   fi
   build_go etcd etcd "-s -w" go.etcd.io/etcd/server/v3
   build_go helm helm "-s -w" helm.sh/helm/v3/cmd/helm
+  build_go helm-docs helm-docs "-s -w" github.com/norwoodj/helm-docs/cmd/helm-docs
   build_go multus multus "-s -w" gopkg.in/k8snetworkplumbingwg/multus-cni.v4/cmd/multus
   build_go cnitool cnitool "-s -w" github.com/containernetworking/cni/cnitool
   apt_ensure containernetworking-plugins /usr/lib/cni/ipvlan /usr/lib/cni/macvlan /usr/lib/cni/host-device /usr/lib/cni/host-local

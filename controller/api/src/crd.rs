@@ -11,9 +11,23 @@ const HEADER: &str = "\
 # Do not edit: change the types and run `make crd`.
 ";
 
+/// Labels on the CRD, so `kubectl get crd -l app.kubernetes.io/part-of=aws-multi-eni` finds it.
+pub const CRD_LABELS: [(&str, &str); 3] = [
+    ("app.kubernetes.io/component", "crd"),
+    ("app.kubernetes.io/name", "aws-multi-eni"),
+    ("app.kubernetes.io/part-of", "aws-multi-eni"),
+];
+
 /// The `nodeenis.networking.k8s.aws` CRD.
 pub fn crd() -> CustomResourceDefinition {
-    NodeENI::crd()
+    let mut crd = NodeENI::crd();
+    crd.metadata.labels = Some(
+        CRD_LABELS
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    );
+    crd
 }
 
 /// The CRD as the YAML committed under `charts/aws-multi-eni-controller/crds/`.
@@ -33,6 +47,8 @@ mod tests {
             Some("nodeenis.networking.k8s.aws")
         );
         assert_eq!(crd.spec.scope, "Cluster");
+        let labels = crd.metadata.labels.as_ref().expect("labels");
+        assert_eq!(labels["app.kubernetes.io/part-of"], "aws-multi-eni");
         assert_eq!(crd.spec.names.short_names, Some(vec!["neni".to_string()]));
         let version = &crd.spec.versions[0];
         assert_eq!(version.name, "v1alpha1");
