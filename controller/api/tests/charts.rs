@@ -535,7 +535,7 @@ fn chart_environment_matches_the_binaries_flags() {
         };
         let known = declared_env(config);
         assert!(known.len() > 10, "{config}: found only {known:?}");
-        let docs = documents(&render(v));
+        let docs = documents(&render(&v));
         let workload = docs
             .iter()
             .find(|d| d["kind"] == "Deployment" || d["kind"] == "DaemonSet")
@@ -1421,4 +1421,133 @@ fn charts_state_their_kubernetes_floor_and_defaults() {
     let c =
         &find(&docs, "Deployment", "eni-controller")["spec"]["template"]["spec"]["containers"][0];
     assert_eq!(c["args"], json!(["--orphan-dry-run=true"]));
+}
+
+/// docs/iam-policy.json builds every ARN from the partition placeholder, and the sed
+/// command of docs/iam.md turns it into a valid policy for each partition.
+#[test]
+fn iam_policy_builds_arns_from_the_partition() {
+    let template =
+        std::fs::read_to_string(repo_root().join("docs/iam-policy.json")).expect("read policy");
+    let doc = std::fs::read_to_string(repo_root().join("docs/iam.md")).expect("read iam.md");
+    let parsed: serde_json::Value = serde_json::from_str(&template).expect("policy is JSON");
+    assert!(
+        doc.contains(template.trim_end()),
+        "docs/iam.md shows another policy than docs/iam-policy.json"
+    );
+    for partition in ["aws", "aws-cn", "aws-us-gov"] {
+        let policy = template
+            .replace("CLUSTER_NAME", "my-cluster")
+            .replace("PARTITION", partition);
+        let policy: serde_json::Value = serde_json::from_str(&policy).expect("JSON");
+        let mut arns = 0;
+        for statement in policy["Statement"].as_array().expect("statements") {
+            let resources = match &statement["Resource"] {
+                serde_json::Value::String(r) => vec![r.clone()],
+                serde_json::Value::Array(rs) => rs
+                    .iter()
+                    .map(|r| r.as_str().expect("ARN").to_string())
+                    .collect(),
+                other => panic!("Resource {other}"),
+            };
+            for r in resources.iter().filter(|r| *r != "*") {
+                assert!(
+                    r.starts_with(&format!("arn:{partition}:ec2:")),
+                    "{partition}: {r} in {}",
+                    statement["Sid"]
+                );
+                arns += 1;
+            }
+        }
+        assert!(arns >= 8, "{partition}: only {arns} ARNs");
+        let text = policy.to_string();
+        assert!(!text.contains("PARTITION") && !text.contains("CLUSTER_NAME"));
+    }
+    assert!(
+        !template.contains("arn:aws:"),
+        "a hard-coded partition is left"
+    );
+    // Creating ENIs requires the ownership tag, and the no_manage tag may be added later only
+    // to this cluster's ENIs, alone.
+    let sids: Vec<&str> = parsed["Statement"]
+        .as_array()
+        .expect("statements")
+        .iter()
+        .filter_map(|s| s["Sid"].as_str())
+        .collect();
+    assert!(
+        sids.contains(&"MarkClusterENIsUnmanagedByTheVPCCNI"),
+        "{sids:?}"
+    );
+}
+
+/// Metric names the binaries register (`Registry::with_prefix` + `register("name", ..)`).
+fn registered_metrics() -> Vec<String> {
+    let mut names = Vec::new();
+    for (file, prefix) in [
+        ("controller/src/metrics.rs", "eni_controller"),
+        ("node/src/metrics.rs", "eni_manager"),
+    ] {
+        let text = std::fs::read_to_string(repo_root().join(file)).expect("read metrics");
+        assert!(
+            text.contains(&format!("with_prefix(\"{prefix}\")")),
+            "{file}"
+        );
+        for rest in text.split("register(").skip(1) {
+            let name = rest
+                .trim_start()
+                .trim_start_matches('"')
+                .split('"')
+                .next()
+                .expect("name");
+            names.push(format!("{prefix}_{name}"));
+        }
+    }
+    names
+}
+
+/// Every series the Grafana dashboard queries is one the binaries export (counters with
+/// `_total`, histograms with `_bucket`).
+#[test]
+fn grafana_dashboard_queries_only_exported_metrics() {
+    let path = format!(
+        "{}/dashboards/aws-multi-eni.json",
+        chart("aws-multi-eni-controller")
+    );
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("read dashboard"))
+            .expect("dashboard is JSON");
+    let known = registered_metrics();
+    assert!(known.len() >= 12, "{known:?}");
+    let mut queried = std::collections::BTreeSet::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().expect("expr");
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if word.starts_with("eni_controller_") || word.starts_with("eni_manager_") {
+                    let base = ["_total", "_bucket", "_sum", "_count"]
+                        .iter()
+                        .find_map(|s| word.strip_suffix(s))
+                        .unwrap_or(word);
+                    assert!(
+                        known.iter().any(|k| k == base),
+                        "panel {:?} queries {word}, which nothing exports",
+                        panel["title"]
+                    );
+                    queried.insert(base.to_string());
+                }
+            }
+        }
+    }
+    for wanted in [
+        "eni_controller_managed_enis",
+        "eni_controller_ec2_calls",
+        "eni_controller_reconciles",
+        "eni_manager_interfaces_failed",
+    ] {
+        assert!(
+            queried.contains(wanted),
+            "the dashboard does not show {wanted}"
+        );
+    }
 }
