@@ -250,6 +250,25 @@ async fn upgrade_from_the_go_chart_by_the_documented_commands() {
             "crd/nodeenis.networking.k8s.aws",
         ],
     );
+    // The old release does not own the namespace (so neither an uninstall nor the upgrade
+    // deletes it); it owns the ServiceAccount and the Deployment eni-controller.
+    let manifest = w.run(
+        "helm get manifest",
+        "helm",
+        &["get", "manifest", OLD_RELEASE, "-n", NAMESPACE],
+    );
+    assert!(!manifest.contains("kind: Namespace"), "{manifest}");
+    assert!(
+        !manifest.contains("kind: CustomResourceDefinition"),
+        "the CRD is templated"
+    );
+    for kind in [
+        "kind: ServiceAccount",
+        "kind: Deployment",
+        "kind: DaemonSet",
+    ] {
+        assert!(manifest.contains(kind), "{kind} not in the old release");
+    }
     let old_ds = w.kubectl_json(&["-n", NAMESPACE, "daemonset", "eni-manager"]);
     assert_eq!(
         old_ds["metadata"]["annotations"]["meta.helm.sh/release-name"],
