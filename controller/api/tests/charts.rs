@@ -366,10 +366,16 @@ fn node_chart_has_no_netdev_resource_value() {
 #[ignore = "integration: needs helm from hack/peers.sh"]
 fn controller_chart_refuses_to_render_without_what_it_needs() {
     let base = |extra: &[&str]| {
-        let mut args: Vec<String> = ["template", "x", &chart("aws-multi-eni-controller")]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let mut args: Vec<String> = [
+            "template",
+            "x",
+            &chart("aws-multi-eni-controller"),
+            "--kube-version",
+            KUBE_VERSION,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         args.extend(extra.iter().map(|s| s.to_string()));
         helm(&args)
     };
@@ -1369,13 +1375,16 @@ fn node_reports_policy_guards_every_other_status_field() {
         );
     }
 fn charts_state_their_kubernetes_floor_and_defaults() {
-    for name in ["aws-multi-eni-controller", "aws-multi-eni-node"] {
+    for (name, set) in [
+        ("aws-multi-eni-controller", "clusterName=c"),
+        ("aws-multi-eni-node", "eniManager.logLevel=info"),
+    ] {
         let out = helm(&[
             "template".into(),
             "x".into(),
             chart(name),
             "--set".into(),
-            "clusterName=c".into(),
+            set.into(),
             "--kube-version".into(),
             "1.28.0".into(),
         ]);
@@ -1405,8 +1414,11 @@ fn charts_state_their_kubernetes_floor_and_defaults() {
         "clusterName=c".into(),
         "--set".into(),
         "rbac.eventsNamespace=kube-system".into(),
+        "--kube-version".into(),
+        KUBE_VERSION.into(),
     ]);
     assert!(!out.ok, "rbac.eventsNamespace was accepted");
+    assert!(out.stderr.contains("eventsNamespace"), "{}", out.stderr);
     // The documented extraArgs example renders as a single argument.
     let out = helm(&[
         "template".into(),
@@ -1416,6 +1428,8 @@ fn charts_state_their_kubernetes_floor_and_defaults() {
         "clusterName=c".into(),
         "--set".into(),
         "extraArgs={--orphan-dry-run=true}".into(),
+        "--kube-version".into(),
+        KUBE_VERSION.into(),
     ]);
     let docs = documents(&must("render extraArgs", out));
     let c =
