@@ -59,7 +59,7 @@ pub struct ControllerArgs {
     /// Identity of this cluster, tagged on every ENI beside the name so two clusters
     /// with the same --cluster-name in one account never touch each other's ENIs.
     /// Default: the UID of the kube-system namespace (needs `get` on it).
-    #[arg(long, env = "CLUSTER_ID")]
+    #[arg(long, env = "ENI_CONTROLLER_CLUSTER_ID")]
     pub cluster_id: Option<String>,
 
     /// AWS Region (else the SDK's default chain: AWS_REGION, profile, IMDS).
@@ -186,16 +186,16 @@ pub struct ControllerArgs {
 
     /// How long a standby waits, after it last saw the leader renew, before taking the
     /// Lease over.
-    #[arg(long, env = "LEADER_ELECTION_LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "ENI_CONTROLLER_LEADER_ELECTION_LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
     pub leader_election_lease_duration: Duration,
 
     /// How long after sending its last successful renewal the leader may still start
     /// EC2 writes; must be shorter than the lease duration.
-    #[arg(long, env = "LEADER_ELECTION_RENEW_DEADLINE", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "ENI_CONTROLLER_LEADER_ELECTION_RENEW_DEADLINE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub leader_election_renew_deadline: Duration,
 
     /// How often the leader renews the Lease and a standby looks at it.
-    #[arg(long, env = "LEADER_ELECTION_RETRY_PERIOD", default_value = "2s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "ENI_CONTROLLER_LEADER_ELECTION_RETRY_PERIOD", default_value = "2s", value_parser = humantime::parse_duration)]
     pub leader_election_retry_period: Duration,
 
     /// Identity of this replica (Lease holder and event reporter).
@@ -248,6 +248,19 @@ pub const ENV_ALIASES: &[(&str, &str)] = &[
     ("ENI_CONTROLLER_POD_NAME", "POD_NAME"),
     ("ENI_CONTROLLER_LOG_FORMAT", "LOG_FORMAT"),
     ("ENI_CONTROLLER_LOG_LEVEL", "LOG_LEVEL"),
+    ("ENI_CONTROLLER_CLUSTER_ID", "CLUSTER_ID"),
+    (
+        "ENI_CONTROLLER_LEADER_ELECTION_LEASE_DURATION",
+        "LEADER_ELECTION_LEASE_DURATION",
+    ),
+    (
+        "ENI_CONTROLLER_LEADER_ELECTION_RENEW_DEADLINE",
+        "LEADER_ELECTION_RENEW_DEADLINE",
+    ),
+    (
+        "ENI_CONTROLLER_LEADER_ELECTION_RETRY_PERIOD",
+        "LEADER_ELECTION_RETRY_PERIOD",
+    ),
 ];
 
 impl Cli {
