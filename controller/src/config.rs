@@ -370,8 +370,11 @@ mod tests {
         .map(|cli| cli.controller)
     }
 
+    /// A boolean flag: its name, its default, and how to read it back.
+    type BoolFlag = (&'static str, bool, fn(&ControllerArgs) -> bool);
+
     /// Every boolean flag, read back from the parsed settings, with its default.
-    fn bool_flags() -> Vec<(&'static str, bool, fn(&ControllerArgs) -> bool)> {
+    fn bool_flags() -> Vec<BoolFlag> {
         vec![
             ("orphan-dry-run", false, |a| a.orphan_dry_run),
             ("leader-elect", true, |a| a.leader_elect),

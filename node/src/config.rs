@@ -258,7 +258,8 @@ mod tests {
 
     #[test]
     fn every_boolean_flag_takes_the_bare_and_the_explicit_forms_and_its_env_var() {
-        let bools: [(&str, bool, fn(&Config) -> bool); 4] = [
+        type BoolFlag = (&'static str, bool, fn(&Config) -> bool);
+        let bools: [BoolFlag; 4] = [
             ("stable-names", false, |c| c.stable_names),
             ("force-non-ena", false, |c| c.force_non_ena),
             ("simulate-pci-kernel", false, |c| c.simulate_pci_kernel),
