@@ -1134,6 +1134,30 @@ fn charts_state_their_kubernetes_floor_and_defaults() {
         assert!(!out.ok, "{name} rendered for Kubernetes 1.28");
         assert!(out.stderr.contains("kubeVersion"), "{name}: {}", out.stderr);
     }
+    // Between the charts' floor and 1.32 the node chart needs its node-reports policy off.
+    let node_on = |kube: &str, extra: &[&str]| {
+        let mut args: Vec<String> = [
+            "template",
+            "x",
+            &chart("aws-multi-eni-node"),
+            "--kube-version",
+            kube,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        helm(&args)
+    };
+    let out = node_on("1.31.0", &[]);
+    assert!(!out.ok, "node chart rendered its policy for 1.31");
+    assert!(
+        out.stderr.contains("rbac.nodeReportsPolicy=false"),
+        "{}",
+        out.stderr
+    );
+    assert!(node_on("1.31.0", &["--set", "rbac.nodeReportsPolicy=false"]).ok);
+    assert!(node_on("1.32.0", &[]).ok);
     let docs = documents(&render(&variant(
         "controller, default values + clusterName",
     )));
