@@ -97,7 +97,7 @@ pub struct Config {
     /// value `vfio.enableUnsafeNoIOMMUMode`.
     #[arg(long, env = "ENI_MANAGER_ENABLE_UNSAFE_NOIOMMU_MODE", default_value_t = false,
           action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
-          value_parser = clap::builder::FalseyValueParser::new())]
+          value_parser = clap::builder::BoolishValueParser::new())]
     pub enable_unsafe_noiommu_mode: bool,
 
     /// Path of the kubelet's PodResources socket, asked which devices running pods hold
@@ -259,9 +259,12 @@ mod tests {
     #[test]
     fn every_boolean_flag_takes_the_bare_and_the_explicit_forms_and_its_env_var() {
         type BoolFlag = (&'static str, bool, fn(&Config) -> bool);
-        let bools: [BoolFlag; 4] = [
+        let bools: [BoolFlag; 5] = [
             ("stable-names", false, |c| c.stable_names),
             ("force-non-ena", false, |c| c.force_non_ena),
+            ("enable-unsafe-noiommu-mode", false, |c| {
+                c.enable_unsafe_noiommu_mode
+            }),
             ("simulate-pci-kernel", false, |c| c.simulate_pci_kernel),
             ("device-plugin", true, |c| c.device_plugin),
         ];
