@@ -114,6 +114,19 @@ impl Inventory {
         self.track_detaching(&id);
     }
 
+    /// When a forced detach of `id` becomes due, if it is detaching.
+    pub fn detach_due(&self, id: &str, timeout: Duration) -> Option<Instant> {
+        self.detaching_since.get(id).map(|since| *since + timeout)
+    }
+
+    /// Restarts an ENI's detachment timer (after a forced detach: force again only if
+    /// that one also outlasts the timeout).
+    pub fn restart_detach_timer(&mut self, id: &str) {
+        if let Some(since) = self.detaching_since.get_mut(id) {
+            *since = Instant::now();
+        }
+    }
+
     /// Starts the detachment timer of an ENI seen `detaching` (if not running yet) and
     /// stops it for an ENI that is not.
     fn track_detaching(&mut self, id: &str) {
@@ -329,6 +342,14 @@ impl Instances {
     /// on it is blocked by someone else's ENI and must be re-checked).
     pub fn invalidate(&self, id: &str) {
         lock(&self.stale).insert(id.to_string());
+    }
+
+    /// Drops a deleted ENI from the cached instance views, so it is not taken for
+    /// someone else's ENI at its old index until the instance is described again.
+    pub fn forget_eni(&self, eni_id: &str) {
+        for inst in lock(&self.instances).values_mut() {
+            inst.enis.retain(|a| a.eni_id != eni_id);
+        }
     }
 
     /// Forgets every instance not in `keep` (the instances of the Nodes that exist), so

@@ -91,7 +91,16 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
     let identity = args
         .pod_name
         .clone()
-        .unwrap_or_else(|| format!("eni-controller-{}", std::process::id()));
+        // PIDs repeat across containers (PID 1): add the host name and a random part.
+        .unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_default();
+            format!(
+                "eni-controller-{host}-{}",
+                crate::reconciler::new_token().get(..8).unwrap_or("0")
+            )
+        });
     let fence = if args.leader_elect {
         Fence::closed()
     } else {
@@ -190,7 +199,13 @@ pub async fn run_with<E: Ec2>(
     // Adopt what exists before acting: everything tagged with this cluster.
     let inventory = Arc::new(Mutex::new(Inventory::default()));
     let started = tokio::time::Instant::now();
-    let existing = tasks::load_owned(&ec2, &args.cluster_name, &cluster_id).await?;
+    // The Nodes' instances, for telling this cluster's pre-identity ENIs from those of
+    // another cluster with the same name.
+    let node_list = Api::<Node>::all(client.clone())
+        .list(&kube::api::ListParams::default())
+        .await?;
+    let instances = tasks::node_instances(&node_list.items);
+    let existing = tasks::load_owned(&ec2, &args.cluster_name, &cluster_id, &instances).await?;
     info!(enis = existing.len(), "loaded managed ENIs");
     inventory::lock(&inventory).replace_all(existing, started);
 

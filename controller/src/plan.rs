@@ -265,6 +265,7 @@ pub fn plan(
             &candidates,
             settings,
             instances.get(&slot.instance_id),
+            stuck,
         );
         for dup in &sp.duplicates {
             if let Some(eni) = enis.iter().find(|e| &e.id == dup) {
@@ -285,12 +286,15 @@ pub fn plan(
     plan
 }
 
-/// Plans one slot given the ENIs that claim it.
+/// Plans one slot given the ENIs that claim it (`stuck`: ENIs whose detach outlasted
+/// the detachment timeout; a wanted ENI hung in `detaching` is forced too, then attached
+/// again).
 pub fn plan_slot(
     slot: &Slot,
     candidates: &[&Eni],
     settings: &Settings,
     instance: Option<&InstanceView>,
+    stuck: &BTreeSet<String>,
 ) -> SlotPlan {
     // Keep the best candidate; the others are duplicates (a crash between create and
     // tag bookkeeping on an emulator without client tokens, or a manual copy).
@@ -326,6 +330,9 @@ pub fn plan_slot(
         Some(a) if a.instance_id != slot.instance_id || a.device_index != slot.device_index => {
             // Attached somewhere else: take it back.
             match a.state {
+                AttachmentState::Detaching if stuck.contains(&eni.id) => {
+                    (forced_detach(eni, a), AttachmentStatus::Detaching)
+                }
                 AttachmentState::Detaching | AttachmentState::Detached => {
                     (Step::Wait, AttachmentStatus::Detaching)
                 }
@@ -341,6 +348,10 @@ pub fn plan_slot(
         }
         Some(a) => match a.state {
             AttachmentState::Attaching => (Step::Wait, AttachmentStatus::Attaching),
+            // Someone detached it (it comes back once detached); hung: force it.
+            AttachmentState::Detaching if stuck.contains(&eni.id) => {
+                (forced_detach(eni, a), AttachmentStatus::Detaching)
+            }
             AttachmentState::Detaching | AttachmentState::Detached => {
                 (Step::Wait, AttachmentStatus::Detaching)
             }
@@ -356,6 +367,14 @@ pub fn plan_slot(
         status,
         duplicates,
     }
+}
+
+fn forced_detach(eni: &Eni, a: &crate::ec2::Attachment) -> Step {
+    Step::Act(Action::Detach {
+        eni_id: eni.id.clone(),
+        attachment_id: a.id.clone(),
+        force: true,
+    })
 }
 
 /// In-place corrections for an attached ENI whose settings differ from the spec.
@@ -844,6 +863,20 @@ mod tests {
         assert!(matches!(
             p.slots[0].1.step,
             Step::Act(Action::Attach { .. })
+        ));
+    }
+
+    #[test]
+    fn wanted_eni_hung_in_detaching_is_forced() {
+        let s = slot("n1", "subnet-a", 2);
+        let e = eni("eni-1", &s, Some(AttachmentState::Detaching));
+        let p = plan_slot(&s, &[&e], &settings(), None, &BTreeSet::new());
+        assert_eq!(p.step, Step::Wait);
+        let stuck = BTreeSet::from(["eni-1".to_string()]);
+        let p = plan_slot(&s, &[&e], &settings(), None, &stuck);
+        assert!(matches!(
+            p.step,
+            Step::Act(Action::Detach { force: true, .. })
         ));
     }
 

@@ -23,11 +23,17 @@ use crate::inventory::{lock, owner};
 use crate::reconciler::adopt::{Ownership, ownership};
 use crate::reconciler::{Context, instance_id};
 
-/// Every ENI of this cluster: tagged with its name and identity. ENIs tagged with the
-/// name alone (before identities) are tagged with the identity and included; ENIs of
-/// another cluster that shares the name are left out, so nothing here ever touches
-/// them.
-pub async fn load_owned<E: Ec2>(ec2: &E, name: &str, id: &str) -> Result<Vec<Eni>, Ec2Error> {
+/// Every ENI of this cluster: tagged with its name and identity. An ENI tagged with the
+/// name alone (made before identities) is taken, and tagged with the identity, only when
+/// it provably belongs here: its instance tag or its attachment names an instance of a
+/// Node of this cluster (`instances`). Any other name-only ENI may be another cluster's
+/// that shares the name: it is left alone (logged and counted once per listing).
+pub async fn load_owned<E: Ec2>(
+    ec2: &E,
+    name: &str,
+    id: &str,
+    instances: &BTreeSet<String>,
+) -> Result<Vec<Eni>, Ec2Error> {
     let all = ec2
         .describe_enis(EniQuery::Tag(
             eni_api::tags::CLUSTER.to_string(),
@@ -35,10 +41,23 @@ pub async fn load_owned<E: Ec2>(ec2: &E, name: &str, id: &str) -> Result<Vec<Eni
         ))
         .await?;
     let mut out = Vec::with_capacity(all.len());
+    let mut unproven = 0usize;
     for mut eni in all {
         match ownership(&eni, name, id) {
             Ownership::Ours => out.push(eni),
             Ownership::OursUnidentified => {
+                let here = eni
+                    .tags
+                    .get(eni_api::tags::INSTANCE)
+                    .is_some_and(|i| instances.contains(i))
+                    || eni
+                        .attachment
+                        .as_ref()
+                        .is_some_and(|a| instances.contains(&a.instance_id));
+                if !here {
+                    unproven += 1;
+                    continue;
+                }
                 let tags = std::collections::BTreeMap::from([
                     (eni_api::tags::CLUSTER_ID.to_string(), id.to_string()),
                     (eni_api::tags::NO_MANAGE.to_string(), "true".to_string()),
@@ -57,7 +76,27 @@ pub async fn load_owned<E: Ec2>(ec2: &E, name: &str, id: &str) -> Result<Vec<Eni
             Ownership::Foreign | Ownership::Untagged => {}
         }
     }
+    if unproven > 0 {
+        warn!(
+            enis = unproven,
+            "ENIs tagged with this cluster's name but no identity, on no instance of this cluster: left alone (another cluster with the same name?); tag them with aws-multi-eni.k8s.aws/cluster-id to adopt them"
+        );
+    }
     Ok(out)
+}
+
+/// The EC2 instances of the Nodes in `nodes`.
+pub fn node_instances<'a>(nodes: impl IntoIterator<Item = &'a Node>) -> BTreeSet<String> {
+    nodes
+        .into_iter()
+        .filter_map(|n| {
+            n.spec
+                .as_ref()?
+                .provider_id
+                .as_deref()
+                .and_then(instance_id)
+        })
+        .collect()
 }
 
 /// Drops everything of a Node the controller does not read.
@@ -156,20 +195,16 @@ pub async fn resync<E: Ec2>(
         tick.tick().await;
         let started = Instant::now();
         // Forget the instances of Nodes that are gone.
-        let keep: BTreeSet<String> = ctx
-            .nodes
-            .state()
-            .iter()
-            .filter_map(|n| {
-                n.spec
-                    .as_ref()?
-                    .provider_id
-                    .as_deref()
-                    .and_then(instance_id)
-            })
-            .collect();
+        let keep = node_instances(ctx.nodes.state().iter().map(|n| n.as_ref()));
         ctx.instances.retain(&keep);
-        match load_owned(&ctx.ec2, &ctx.config.cluster_name, &ctx.config.cluster_id).await {
+        match load_owned(
+            &ctx.ec2,
+            &ctx.config.cluster_name,
+            &ctx.config.cluster_id,
+            &keep,
+        )
+        .await
+        {
             Ok(all) => {
                 let changed = lock(&ctx.inventory).replace_all(all, started);
                 ctx.inventory_changed.notify_waiters();
@@ -233,6 +268,7 @@ pub async fn sweep_orphans<E: Ec2>(
                 Ok(()) => {
                     info!(eni = %id, "deleted orphaned ENI");
                     lock(&ctx.inventory).remove(&id);
+                    ctx.instances.forget_eni(&id);
                     ctx.metrics.orphans_deleted.inc();
                     first_seen.remove(&id);
                 }

@@ -457,7 +457,8 @@ async fn same_named_cluster_enis_are_never_touched() {
     // Attached at the index our NodeENI of the same name wants.
     let taken = foreign_eni(&w, "other cluster", &other("same", "3")).await;
     attach(&w, &taken, &instance, 4).await;
-    // Ours from before cluster identities existed: adopted.
+    // Ours from before cluster identities existed (for an instance of this cluster):
+    // adopted.
     let mine = foreign_eni(
         &w,
         "pre-identity",
@@ -465,6 +466,20 @@ async fn same_named_cluster_enis_are_never_touched() {
             (tags::CLUSTER, CLUSTER),
             (tags::NODE_ENI, "gone"),
             (tags::NODE, "node-1"),
+            (tags::INSTANCE, instance.as_str()),
+        ],
+    )
+    .await;
+    // The other cluster's from before identities (an instance that is not ours): it
+    // might be either's, so it is left alone.
+    let unproven = foreign_eni(
+        &w,
+        "pre-identity elsewhere",
+        &[
+            (tags::CLUSTER, CLUSTER),
+            (tags::NODE_ENI, "theirs"),
+            (tags::NODE, "node-9"),
+            (tags::INSTANCE, "i-0aaaaaaaaaaaaaaaa"),
         ],
     )
     .await;
@@ -482,6 +497,11 @@ async fn same_named_cluster_enis_are_never_touched() {
         eni_exists(&w, &loose).await,
         "the other cluster's ENI was swept"
     );
+    assert!(
+        eni_exists(&w, &unproven).await,
+        "a pre-identity ENI of another instance was swept"
+    );
+    assert!(!eni_tags(&w, &unproven).await.contains_key(tags::CLUSTER_ID));
     assert!(eni_exists(&w, &taken).await);
     assert!(!eni_tags(&w, &taken).await.contains_key(tags::NO_MANAGE));
     assert_eq!(w.metrics.ec2_call_count("DetachNetworkInterface"), 0);

@@ -315,6 +315,12 @@ async fn orphaned_enis_are_swept_after_the_grace_period() {
                 )
                 .tags(
                     aws_sdk_ec2::types::Tag::builder()
+                        .key(tags::CLUSTER_ID)
+                        .value("it-cluster-id")
+                        .build(),
+                )
+                .tags(
+                    aws_sdk_ec2::types::Tag::builder()
                         .key(tags::NODE_ENI)
                         .value("long-gone")
                         .build(),
@@ -352,7 +358,7 @@ async fn orphaned_enis_are_swept_after_the_grace_period() {
         .send()
         .await
         .expect("create foreign ENI");
-    w.start_controller(&["--orphan-grace-period=2s"]);
+    w.start_controller(&["--orphan-grace-period=2s", "--cluster-id=it-cluster-id"]);
     let swept = eventually(Duration::from_secs(60), || async {
         w.managed_enis(None).await.is_empty().then_some(())
     })

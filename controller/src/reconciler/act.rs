@@ -30,13 +30,7 @@ pub fn new_token() -> String {
 /// Picks the client token of every slot the plan creates: the one recorded in status
 /// while no ENI is known to have come of it, a new one otherwise. Returns whether a new
 /// token was minted (status must record it before the create is sent).
-pub(super) fn assign_tokens<E: Ec2>(
-    ctx: &Context<E>,
-    obj: &NodeENI,
-    plan: &Plan,
-    outcome: &mut Outcome,
-) -> bool {
-    let inventory = lock(&ctx.inventory);
+pub(super) fn assign_tokens(obj: &NodeENI, plan: &Plan, outcome: &mut Outcome) -> bool {
     let recorded = obj
         .status
         .as_ref()
@@ -52,10 +46,11 @@ pub(super) fn assign_tokens<E: Ec2>(
             (a.node_id.as_str(), a.subnet_id.as_str(), a.device_index)
                 == (key.0.as_str(), key.1.as_str(), key.2)
         });
-        // Spent: an ENI came of the token and is gone now (a create is planned).
+        // Spent: an ENI came of the token, and a create is planned, so that ENI is gone
+        // or no longer serves the slot (e.g. the Node was replaced under its name).
         let reusable = entry.and_then(|a| {
             let token = a.client_token.as_ref()?;
-            (a.eni_id.is_empty() || inventory.get(&a.eni_id).is_some()).then(|| token.clone())
+            a.eni_id.is_empty().then(|| token.clone())
         });
         let token = match reusable {
             Some(t) => t,
@@ -175,7 +170,13 @@ pub(super) fn current_plan<E: Ec2>(
         } else {
             let candidates: Vec<&crate::ec2::Eni> =
                 enis.iter().filter(|e| plan::claims(e, slot)).collect();
-            plan::plan_slot(slot, &candidates, settings, views.get(&slot.instance_id))
+            plan::plan_slot(
+                slot,
+                &candidates,
+                settings,
+                views.get(&slot.instance_id),
+                &stuck,
+            )
         };
         merged.slots.push((slot.clone(), sp));
     }
@@ -207,7 +208,8 @@ pub(super) fn slot_plan<E: Ec2>(
                 .instances
                 .max_enis(&inst.instance_type, slot.network_card_index),
         });
-    plan::plan_slot(slot, &candidates, settings, view.as_ref())
+    let stuck = inventory.stuck_detaching(ctx.config.detach_timeout);
+    plan::plan_slot(slot, &candidates, settings, view.as_ref(), &stuck)
 }
 
 /// Runs a slot's actions until it is done or blocked: create -> attach -> (wait for
@@ -221,26 +223,33 @@ pub(super) async fn run_slot_chain<E: Ec2>(
     tokens: &Mutex<BTreeMap<SlotKey, String>>,
 ) -> Result<(), (String, String, &'static str)> {
     let name = obj.name_any();
-    // Bounded: a slot needs at most create, attach, and three modifications.
-    for _ in 0..8 {
+    // Bounded by actions (a slot needs at most create, attach and three modifications,
+    // plus a retry with a new token) and by how long it waits for EC2, not by wake-ups:
+    // the poller wakes every waiting chain after each poll.
+    let mut actions = 0;
+    let deadline = tokio::time::Instant::now() + ATTACH_WAIT;
+    loop {
         // Register interest before looking, so a change in between is not missed.
         let changed = ctx.inventory_changed.notified();
         tokio::pin!(changed);
         changed.as_mut().enable();
         let sp = slot_plan(ctx, &name, slot, settings);
         match sp.step {
-            Step::Act(action) => execute_slot_action(ctx, obj, slot, settings, action, tokens)
-                .await
-                .map_err(|(msg, reason)| (slot.node.clone(), msg, reason))?,
+            Step::Act(_) if actions >= MAX_CHAIN_ACTIONS => return Ok(()),
+            Step::Act(action) => {
+                actions += 1;
+                execute_slot_action(ctx, obj, slot, settings, action, tokens)
+                    .await
+                    .map_err(|(msg, reason)| (slot.node.clone(), msg, reason))?;
+            }
             Step::Wait if sp.status == AttachmentStatus::Attaching => {
-                if tokio::time::timeout(ATTACH_WAIT, changed).await.is_err() {
+                if tokio::time::timeout_at(deadline, changed).await.is_err() {
                     return Ok(());
                 }
             }
             _ => return Ok(()),
         }
     }
-    Ok(())
 }
 
 /// Runs an ENI's removal until it is gone or waits on someone else: detach -> (wait for
@@ -250,8 +259,12 @@ pub(super) async fn run_removal_chain<E: Ec2>(
     obj: &NodeENI,
     eni_id: &str,
 ) -> Result<(), (String, String, &'static str)> {
-    // Bounded: detach, forced detach, delete.
-    for _ in 0..6 {
+    // Bounded by actions (detach, forced detach, delete) and by a deadline past the
+    // detachment timeout, not by wake-ups.
+    let mut actions = 0;
+    let deadline = tokio::time::Instant::now()
+        + ATTACH_WAIT.max(ctx.config.detach_timeout + Duration::from_secs(1));
+    loop {
         let changed = ctx.inventory_changed.notified();
         tokio::pin!(changed);
         changed.as_mut().enable();
@@ -266,25 +279,31 @@ pub(super) async fn run_removal_chain<E: Ec2>(
             plan::plan_removal(eni, stuck)
         };
         match step {
-            Step::Act(action) => run_removal(ctx, obj, eni_id, action).await?,
+            Step::Act(_) if actions >= MAX_CHAIN_ACTIONS => return Ok(()),
+            Step::Act(action) => {
+                actions += 1;
+                run_removal(ctx, obj, eni_id, action).await?;
+            }
             Step::Wait => {
                 // Wake when the poller sees the detach finish, or when the detachment
                 // timeout makes a forced detach due.
-                let wait = ATTACH_WAIT.min(ctx.config.detach_timeout + Duration::from_millis(100));
-                if tokio::time::timeout(wait, changed).await.is_err() && {
-                    let inventory = lock(&ctx.inventory);
-                    !inventory
-                        .stuck_detaching(ctx.config.detach_timeout)
-                        .contains(eni_id)
-                } {
+                let due = lock(&ctx.inventory)
+                    .detach_due(eni_id, ctx.config.detach_timeout)
+                    .unwrap_or(deadline)
+                    .min(deadline);
+                if tokio::time::timeout_at(due, changed).await.is_err()
+                    && tokio::time::Instant::now() >= deadline
+                {
                     return Ok(());
                 }
             }
             _ => return Ok(()),
         }
     }
-    Ok(())
 }
+
+/// Most EC2 actions one chain takes in a pass.
+const MAX_CHAIN_ACTIONS: usize = 6;
 
 /// A chain's failure. A named type (not a tuple with a `&'static str`) so the futures
 /// that carry it stay `Send` for every lifetime the compiler picks.
@@ -351,6 +370,8 @@ pub(super) async fn execute_slot_action<E: Ec2>(
     }
     match result {
         Ok(()) => Ok(()),
+        // A replica whose Lease term ran out stops quietly; the new leader carries on.
+        Err(e) if e.kind == ErrorKind::NotLeader => Err((e.to_string(), condition::EC2_ERROR)),
         Err(e) => {
             let reason = match e.kind {
                 ErrorKind::DeviceIndexInUse => condition::DEVICE_INDEX_IN_USE,
@@ -584,11 +605,18 @@ pub(super) async fn run_removal<E: Ec2>(
             ..
         } => match ctx.ec2.detach_eni(attachment_id.clone(), *force).await {
             Ok(()) => {
-                lock(&ctx.inventory).update(eni_id, |e| {
-                    if let Some(a) = e.attachment.as_mut() {
-                        a.state = AttachmentState::Detaching;
+                {
+                    let mut inventory = lock(&ctx.inventory);
+                    inventory.update(eni_id, |e| {
+                        if let Some(a) = e.attachment.as_mut() {
+                            a.state = AttachmentState::Detaching;
+                        }
+                    });
+                    if *force {
+                        // Force again only if this one also outlasts the timeout.
+                        inventory.restart_detach_timer(eni_id);
                     }
-                });
+                }
                 ctx.in_flight.notify_one();
                 let how = if *force { "force-detached" } else { "detached" };
                 publish(
@@ -612,6 +640,7 @@ pub(super) async fn run_removal<E: Ec2>(
         Action::Delete { .. } => match ctx.ec2.delete_eni(eni_id.to_string()).await {
             Ok(()) => {
                 lock(&ctx.inventory).remove(eni_id);
+                ctx.instances.forget_eni(eni_id);
                 publish(
                     ctx,
                     obj,
@@ -625,6 +654,7 @@ pub(super) async fn run_removal<E: Ec2>(
             }
             Err(e) if e.kind == ErrorKind::NotFound => {
                 lock(&ctx.inventory).remove(eni_id);
+                ctx.instances.forget_eni(eni_id);
                 Ok(())
             }
             Err(e) if e.kind == ErrorKind::InUse => {

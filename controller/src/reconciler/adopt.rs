@@ -14,8 +14,21 @@ use tracing::{info, warn};
 
 use super::report::publish;
 use super::{Context, Error, Outcome};
-use crate::ec2::{Ec2, Eni, EniQuery};
+use crate::ec2::{Ec2, Eni, EniQuery, VPC_CNI_DESCRIPTION_PREFIX};
 use crate::inventory::lock;
+
+/// The tag the older Go controller put on every ENI it created.
+const LEGACY_MARKER: (&str, &str) = ("kubernetes.io/cluster/managed-by", "nodeeni-controller");
+/// The older controller's tag naming the NodeENI of an ENI.
+const LEGACY_NODE_ENI: &str = "NodeENI";
+
+/// Records an ENI the status lists that is left alone: it stays listed, and the
+/// finalizer stays, until someone removes it.
+fn not_adopted(outcome: &mut Outcome, a: &ENIAttachment, message: String) {
+    warn!(%message);
+    outcome.issues.push((message, condition::NOT_ADOPTED));
+    outcome.unadopted.push(a.clone());
+}
 
 /// Who an ENI belongs to, by its tags.
 #[derive(Debug, PartialEq, Eq)]
@@ -94,10 +107,28 @@ pub(super) async fn adopt<E: Ec2>(
             continue;
         };
         match ownership(eni, &config.cluster_name, &config.cluster_id) {
-            Ownership::Ours | Ownership::OursUnidentified => {
-                // Known to EC2 but not yet to the inventory (listing lag, or a
-                // pre-identity tag the next resync adopts): take it as it is.
-                lock(&ctx.inventory).upsert(eni.clone());
+            // Known to EC2 but not yet to the inventory (listing lag).
+            Ownership::Ours => lock(&ctx.inventory).upsert(eni.clone()),
+            // Ours from before identities (this NodeENI's status lists it).
+            Ownership::OursUnidentified => {
+                let identity = BTreeMap::from([
+                    (tags::CLUSTER_ID.to_string(), config.cluster_id.clone()),
+                    (tags::NO_MANAGE.to_string(), "true".to_string()),
+                ]);
+                if let Err(e) = ctx.ec2.tag_eni(eni.id.clone(), identity.clone()).await {
+                    not_adopted(
+                        outcome,
+                        a,
+                        format!(
+                            "ENI {} listed in status: cannot tag it with the cluster identity: {e}",
+                            eni.id
+                        ),
+                    );
+                    continue;
+                }
+                let mut adopted = eni.clone();
+                adopted.tags.extend(identity);
+                lock(&ctx.inventory).upsert(adopted);
             }
             Ownership::Foreign => {
                 let message = format!(
@@ -112,6 +143,26 @@ pub(super) async fn adopt<E: Ec2>(
                 publish(ctx, obj, EventType::Warning, "NotAdopted", "Adopt", message).await;
             }
             Ownership::Untagged => {
+                // Only what the older controller made: its marker tag (and its NodeENI
+                // tag, where set), never the primary ENI nor the VPC CNI's.
+                let legacy = eni.tags.get(LEGACY_MARKER.0).map(String::as_str)
+                    == Some(LEGACY_MARKER.1)
+                    && eni.tags.get(LEGACY_NODE_ENI).is_none_or(|n| *n == name);
+                let primary = eni
+                    .attachment
+                    .as_ref()
+                    .is_some_and(|at| at.device_index == 0);
+                if !legacy || primary || eni.description.starts_with(VPC_CNI_DESCRIPTION_PREFIX) {
+                    not_adopted(
+                        outcome,
+                        a,
+                        format!(
+                            "ENI {} listed in status for node {} carries neither this controller's tags nor the older controller's ({}={}): not adopted; delete it yourself, or remove it from status",
+                            eni.id, a.node_id, LEGACY_MARKER.0, LEGACY_MARKER.1
+                        ),
+                    );
+                    continue;
+                }
                 // The older controller did not always record the device index (0 then).
                 let placed = match &eni.attachment {
                     Some(at) => {
@@ -149,7 +200,14 @@ pub(super) async fn adopt<E: Ec2>(
                     &a.instance_id,
                     device_index,
                 );
-                ctx.ec2.tag_eni(eni.id.clone(), new_tags.clone()).await?;
+                if let Err(e) = ctx.ec2.tag_eni(eni.id.clone(), new_tags.clone()).await {
+                    not_adopted(
+                        outcome,
+                        a,
+                        format!("ENI {} of the older controller: cannot tag it: {e}", eni.id),
+                    );
+                    continue;
+                }
                 let mut adopted = eni.clone();
                 adopted.tags.extend(new_tags);
                 lock(&ctx.inventory).upsert(adopted);

@@ -217,8 +217,10 @@ async fn reconcile_inner<E: Ec2>(obj: Arc<NodeENI>, ctx: &Context<E>) -> Result<
     // Plan, and record the client token of every create before sending it.
     let slots = &observed.slots;
     let first = current_plan(ctx, &name, slots, &observed.held);
-    if assign_tokens(ctx, &obj, &first, &mut outcome) {
-        write_status(ctx, &api, &obj, Some(&first), &outcome.interim()).await?;
+    // The object as last written in this pass: later writes compare with it.
+    let mut last: Option<NodeENI> = None;
+    if assign_tokens(&obj, &first, &mut outcome) {
+        last = write_status(ctx, &api, &obj, None, Some(&first), &outcome.interim()).await?;
     }
 
     // Act, reporting progress while a long pass runs.
@@ -234,8 +236,10 @@ async fn reconcile_inner<E: Ec2>(obj: Arc<NodeENI>, ctx: &Context<E>) -> Result<
                 _ = tick.tick() => {
                     // Bulk provisioning takes minutes at EC2's rate: report progress.
                     let progress = current_plan(ctx, &name, slots, &observed.held);
-                    if let Err(e) = write_status(ctx, &api, &obj, Some(&progress), &interim).await {
-                        debug!(error = %e, "interim status");
+                    match write_status(ctx, &api, &obj, last.as_ref(), Some(&progress), &interim).await {
+                        Ok(Some(o)) => last = Some(o),
+                        Ok(None) => {}
+                        Err(e) => debug!(error = %e, "interim status"),
                     }
                 }
             }
@@ -251,16 +255,47 @@ async fn reconcile_inner<E: Ec2>(obj: Arc<NodeENI>, ctx: &Context<E>) -> Result<
     }
 
     // Report.
-    let latest = write_status(ctx, &api, &obj, Some(&plan), &outcome).await?;
+    let latest = write_status(ctx, &api, &obj, last.as_ref(), Some(&plan), &outcome)
+        .await?
+        .or(last);
     update_gauges(ctx);
 
     let remaining = lock(&ctx.inventory).owned_by(&name).len();
-    if deleting && remaining == 0 && outcome.unadopted.is_empty() {
+    if deleting && remaining == 0 && outcome.unadopted.is_empty() && !leftovers(ctx, &name).await? {
         remove_finalizer(&api, latest.as_ref().unwrap_or(&obj)).await?;
         info!("all ENIs removed; finalizer released");
         return Ok(Requeue::await_change());
     }
     Ok(next_requeue(ctx, &plan, &outcome))
+}
+
+/// Before the finalizer goes: whether EC2 still has an ENI of this NodeENI that the
+/// inventory does not know (a create that timed out but succeeded, a listing that
+/// lagged). One describe per deletion; what it finds is taken into the inventory.
+async fn leftovers<E: Ec2>(ctx: &Context<E>, name: &str) -> Result<bool, Error> {
+    let found = ctx
+        .ec2
+        .describe_enis(crate::ec2::EniQuery::Tag(
+            eni_api::tags::NODE_ENI.to_string(),
+            name.to_string(),
+        ))
+        .await?;
+    let mine: Vec<crate::ec2::Eni> = found
+        .into_iter()
+        .filter(|e| {
+            adopt::ownership(e, &ctx.config.cluster_name, &ctx.config.cluster_id)
+                == adopt::Ownership::Ours
+        })
+        .collect();
+    if mine.is_empty() {
+        return Ok(false);
+    }
+    let mut inventory = lock(&ctx.inventory);
+    for e in mine {
+        info!(eni = %e.id, "found an ENI of this NodeENI the inventory missed; removing it before the finalizer goes");
+        inventory.upsert(e);
+    }
+    Ok(true)
 }
 
 fn description(obj: &NodeENI) -> String {

@@ -91,7 +91,8 @@ pub(super) fn ignore_gone<T>(result: Result<T, kube::Error>) -> Result<(), kube:
 /// Field manager of the controller's status writes (server-side apply).
 pub(super) const FIELD_MANAGER: &str = "eni-controller";
 
-/// Builds the status and writes it with server-side apply when it changed (so the
+/// Builds the status and writes it with server-side apply when it differs from `last`
+/// (what this pass wrote before) or else from `obj` (so the
 /// controller owns its fields and condition, and node daemons their `nodeReports`
 /// entries); drops the `nodeReports` of Nodes that no longer exist. Returns the object
 /// as written, when it wrote one.
@@ -99,14 +100,27 @@ pub(super) async fn write_status<E: Ec2>(
     ctx: &Context<E>,
     api: &Api<NodeENI>,
     obj: &NodeENI,
+    last: Option<&NodeENI>,
     plan: Option<&Plan>,
     outcome: &Outcome,
 ) -> Result<Option<NodeENI>, kube::Error> {
-    let old = obj.status.clone().unwrap_or_default();
+    // Compare with what this pass wrote last, not with the object it started from.
+    let old = last
+        .and_then(|l| l.status.clone())
+        .or_else(|| obj.status.clone())
+        .unwrap_or_default();
     let mut latest = prune_node_reports(ctx, api, obj).await?;
     let status = build_status(ctx, obj, plan, outcome, &old);
+    // Only the fields this controller owns (other managers' conditions and the node
+    // daemons' reports are theirs).
     let mine = |s: &NodeENIStatus| NodeENIStatus {
         node_reports: Vec::new(),
+        conditions: s
+            .conditions
+            .iter()
+            .filter(|c| c.type_ == condition::READY)
+            .cloned()
+            .collect(),
         ..s.clone()
     };
     if mine(&status) == mine(&old) {
