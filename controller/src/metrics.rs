@@ -61,7 +61,18 @@ pub struct Metrics {
     pub orphans_found: Counter,
     /// 1 while this replica holds the leader lease.
     pub leader: Gauge,
+    /// ENIs each NodeENI wants (one per selected Node and subnet in its zone).
+    pub desired_enis: Family<NodeEniLabels, Gauge>,
+    /// ENIs of each NodeENI attached where wanted.
+    pub ready_enis: Family<NodeEniLabels, Gauge>,
     registry: Arc<Registry>,
+}
+
+/// Label of per-NodeENI metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeEniLabels {
+    /// The NodeENI.
+    pub nodeeni: String,
 }
 
 impl Default for Metrics {
@@ -130,6 +141,18 @@ impl Metrics {
             "1 while this replica is the leader",
             leader.clone(),
         );
+        let desired_enis = Family::<NodeEniLabels, Gauge>::default();
+        registry.register(
+            "desired_enis",
+            "ENIs a NodeENI wants (one per selected Node and subnet in its zone)",
+            desired_enis.clone(),
+        );
+        let ready_enis = Family::<NodeEniLabels, Gauge>::default();
+        registry.register(
+            "ready_enis",
+            "ENIs of a NodeENI attached where wanted",
+            ready_enis.clone(),
+        );
         Self {
             reconciles,
             reconcile_duration,
@@ -140,6 +163,8 @@ impl Metrics {
             orphans_deleted,
             orphans_found,
             leader,
+            desired_enis,
+            ready_enis,
             registry: Arc::new(registry),
         }
     }

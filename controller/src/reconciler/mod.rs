@@ -259,10 +259,25 @@ async fn reconcile_inner<E: Ec2>(obj: Arc<NodeENI>, ctx: &Context<E>) -> Result<
         .await?
         .or(last);
     update_gauges(ctx);
+    let labels = crate::metrics::NodeEniLabels {
+        nodeeni: name.clone(),
+    };
+    ctx.metrics
+        .desired_enis
+        .get_or_create(&labels)
+        .set(plan.slots.len() as i64);
+    ctx.metrics.ready_enis.get_or_create(&labels).set(
+        plan.slots
+            .iter()
+            .filter(|(_, p)| p.status == eni_api::AttachmentStatus::Attached)
+            .count() as i64,
+    );
 
     let remaining = lock(&ctx.inventory).owned_by(&name).len();
     if deleting && remaining == 0 && outcome.unadopted.is_empty() && !leftovers(ctx, &name).await? {
         remove_finalizer(&api, latest.as_ref().unwrap_or(&obj)).await?;
+        ctx.metrics.desired_enis.remove(&labels);
+        ctx.metrics.ready_enis.remove(&labels);
         info!("all ENIs removed; finalizer released");
         return Ok(Requeue::await_change());
     }
