@@ -555,3 +555,47 @@ async fn longest_valid_resource_name_is_served() {
     assert_eq!(first.devices[0].id, A);
     plugin.stop().await;
 }
+
+/// A device the node daemon is giving back is Unhealthy on the next list (no new pod gets
+/// it) and refused by Allocate, while sysfs still shows it bound to vfio-pci.
+#[tokio::test]
+async fn a_device_being_given_back_is_unhealthy_at_once() {
+    let host = Host::new();
+    host.add_device(A, "vfio-pci", 0, true, 0);
+    let mut kubelet = FakeKubelet::start(&host.path("device-plugins"));
+    let plugin = start(host.config(), vec![bound(A, RES, "vfio-pci")]);
+    let r = kubelet.next_registration(5).await;
+    let mut client = plugin_client(&host.path("device-plugins").join(&r.endpoint)).await;
+    let mut stream = client
+        .list_and_watch(api::Empty {})
+        .await
+        .unwrap()
+        .into_inner();
+    wait_list(&mut stream, 5, "healthy", |l| {
+        health_of(l, A) == Some("Healthy")
+    })
+    .await;
+    let t = Instant::now();
+    let mut releasing = bound(A, RES, "vfio-pci");
+    releasing.releasing = true;
+    plugin.tx.send_replace(vec![releasing]);
+    wait_list(&mut stream, 5, "unhealthy", |l| {
+        health_of(l, A) == Some("Unhealthy")
+    })
+    .await;
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        t.elapsed()
+    );
+    let refused = client
+        .allocate(api::AllocateRequest {
+            container_requests: vec![api::ContainerAllocateRequest {
+                devices_ids: vec![A.into()],
+            }],
+        })
+        .await
+        .expect_err("refused");
+    assert!(refused.message().contains("given back"), "{refused}");
+    plugin.stop().await;
+}
