@@ -61,8 +61,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
     // The current set of DPDK-bound devices, for the kubelet device plugin.
     let (bound_tx, bound_rx) = watch::channel::<Vec<BoundDevice>>(Vec::new());
     let plugin_shutdown = CancellationToken::new();
+    let metrics = Metrics::new();
     let mut device_plugin = match cfg.device_plugin_config() {
-        Some(dp) => {
+        Some(mut dp) => {
+            dp.allocations = metrics.allocations.clone();
             info!(
                 dir = %dp.device_plugin_dir.display(),
                 registration = %dp.registration,
@@ -81,7 +83,6 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
         }
     };
 
-    let metrics = Metrics::new();
     let listener = tokio::net::TcpListener::bind(cfg.metrics_addr)
         .await
         .map_err(setup("listen on --metrics-addr"))?;

@@ -34,6 +34,8 @@ pub struct Metrics {
     pub link_changes: Counter,
     /// Duration of a reconcile.
     pub reconcile_seconds: Histogram,
+    /// Devices the device plugin allocated to containers, by resource.
+    pub allocations: eni_deviceplugin::Allocations,
     ready: Arc<AtomicBool>,
     registry: Arc<Registry>,
 }
@@ -57,6 +59,7 @@ impl Metrics {
             releases: Counter::default(),
             link_changes: Counter::default(),
             reconcile_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            allocations: eni_deviceplugin::Allocations::default(),
             ready: Arc::default(),
             registry: Arc::new(Registry::default()),
         };
@@ -95,6 +98,11 @@ impl Metrics {
             "reconcile_duration_seconds",
             "Time one reconcile takes",
             m.reconcile_seconds.clone(),
+        );
+        registry.register(
+            "device_allocations",
+            "Devices the kubelet device plugin allocated to containers, by resource",
+            m.allocations.family(),
         );
         Self {
             registry: Arc::new(registry),

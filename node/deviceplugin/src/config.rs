@@ -78,6 +78,8 @@ pub struct Config {
     pub socket_check_interval: Duration,
     /// Timeout of one `Register` call to the kubelet.
     pub register_timeout: Duration,
+    /// Where successful allocations are counted.
+    pub allocations: crate::Allocations,
 }
 
 impl Default for Config {
@@ -93,6 +95,7 @@ impl Default for Config {
             health_interval: Duration::from_millis(500),
             socket_check_interval: Duration::from_secs(1),
             register_timeout: Duration::from_secs(10),
+            allocations: crate::Allocations::default(),
         }
     }
 }

@@ -111,6 +111,7 @@ impl Endpoint {
             self.state.clone(),
             self.config.devinfo_dir.clone(),
             stop.clone(),
+            self.config.allocations.clone(),
         );
         let registry = (self.config.registration == RegistrationMode::PluginsRegistry).then(|| {
             let (status, _) = watch::channel(None);

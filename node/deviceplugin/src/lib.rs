@@ -30,6 +30,7 @@ pub mod config;
 pub mod device;
 mod endpoint;
 mod error;
+pub mod metrics;
 mod service;
 pub mod snapshot;
 
@@ -47,6 +48,7 @@ pub use config::{Config, RegistrationMode};
 pub use device::{DeviceProbe, SysfsProbe};
 pub use endpoint::connect_unix;
 pub use error::Error;
+pub use metrics::Allocations;
 pub use service::{PluginService, RegistryService};
 pub use snapshot::Snapshot;
 pub use tokio_util::sync::CancellationToken;

@@ -23,6 +23,7 @@ pub struct PluginService {
     state: watch::Receiver<Arc<Snapshot>>,
     devinfo_dir: Arc<PathBuf>,
     stop: CancellationToken,
+    allocations: crate::Allocations,
 }
 
 impl PluginService {
@@ -32,12 +33,14 @@ impl PluginService {
         state: watch::Receiver<Arc<Snapshot>>,
         devinfo_dir: PathBuf,
         stop: CancellationToken,
+        allocations: crate::Allocations,
     ) -> Self {
         Self {
             resource: resource.into(),
             state,
             devinfo_dir: Arc::new(devinfo_dir),
             stop,
+            allocations,
         }
     }
 
@@ -149,6 +152,7 @@ impl api::device_plugin_server::DevicePlugin for PluginService {
                 .map_err(|e| Status::internal(format!("device-info task: {e}")))?
                 .map_err(Status::internal)?;
             tracing::info!(resource = %self.resource, devices = ?c.devices_ids, "allocated");
+            self.allocations.record(&self.resource, entries.len());
             container_responses.push(alloc::container_response(&self.resource, &entries));
         }
         Ok(Response::new(api::AllocateResponse {

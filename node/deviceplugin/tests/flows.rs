@@ -43,7 +43,9 @@ async fn registers_lists_and_allocates() {
     let host = Host::new();
     host.add_device(A, "vfio-pci", 0, true, 0);
     let mut kubelet = FakeKubelet::start(&host.path("device-plugins"));
-    let plugin = start(host.config(), vec![bound(A, RES, "vfio-pci")]);
+    let config = host.config();
+    let allocations = config.allocations.clone();
+    let plugin = start(config, vec![bound(A, RES, "vfio-pci")]);
 
     let r = kubelet.next_registration(5).await;
     assert_eq!(r.version, "v1beta1");
@@ -115,6 +117,7 @@ async fn registers_lists_and_allocates() {
     let devinfo: serde_json::Value = serde_json::from_str(&devinfo).unwrap();
     assert_eq!(devinfo["pci"]["pci-address"], A);
     assert_eq!(devinfo["type"], "pci");
+    assert_eq!(allocations.get(RES), 1, "the allocation is counted");
 
     // Unknown ID: refused with a clear error.
     let err = client
@@ -130,6 +133,11 @@ async fn registers_lists_and_allocates() {
         err.message().contains("unknown device ID \"0000:00:99.0\""),
         "{}",
         err.message()
+    );
+    assert_eq!(
+        allocations.get(RES),
+        1,
+        "a refused allocation is not counted"
     );
 
     drop(stream);

@@ -69,6 +69,7 @@ impl Host {
             health_interval: Duration::from_millis(100),
             socket_check_interval: Duration::from_millis(500),
             register_timeout: Duration::from_secs(5),
+            allocations: eni_deviceplugin::Allocations::default(),
         }
     }
 
