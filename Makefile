@@ -38,7 +38,8 @@ peers: ## Build or fetch the real test peers into the cache (idempotent).
 
 .PHONY: build
 build: ## Build all binaries (debug; eni-manager with the test-util feature the demo needs).
-	$(CARGO) build --workspace --locked --bins --features eni-node/test-util
+	$(CARGO) build --workspace --locked --bins
+	$(CARGO) build --locked -p eni-node --bins --features test-util
 
 .PHONY: release
 release: ## Release build of the binaries the Dockerfiles ship (what they run).

@@ -40,7 +40,7 @@ fn bin_dir() -> PathBuf {
     for b in ["eni-controller", "eni-manager", "cni-helper"] {
         assert!(
             dir.join(b).is_file(),
-            "{} missing: run `make build` (cargo build --workspace --bins --features eni-node/test-util; cargo test --workspace builds it too)",
+            "{} missing: run `make build` (eni-manager needs the eni-node test-util feature: cargo build -p eni-node --bins --features test-util)",
             dir.join(b).display()
         );
     }
