@@ -53,8 +53,9 @@ impl CheckResult {
 /// Settings of the checks.
 #[derive(Clone, Debug)]
 pub struct CheckConfig {
-    /// Whether a draining Node (deletionTimestamp set, object still there) keeps its ENIs
-    /// (issue 12, defect 14). Off: it is treated as gone.
+    /// Whether a draining Node (deletionTimestamp set, object still there) keeps the ENIs
+    /// it has and gets no new ones (issue 12, defect 14; docs/nodeeni-reference.md). Off:
+    /// it is treated as gone.
     pub draining_keeps_enis: bool,
     /// Mutating EC2 calls that reached EC2 (not throttled, not injected) one ENI may cost
     /// over its life, before edits and out-of-band detaches add to it.
@@ -64,12 +65,14 @@ pub struct CheckConfig {
     pub lease_loss_grace: std::time::Duration,
 }
 
-/// The ENIs the model wants: every selected Node x every subnet of every NodeENI.
-pub fn wanted(world: &World, cfg: &CheckConfig) -> Vec<WantedSlot> {
+/// The ENIs the model wants: every selected Node that is not draining x every subnet of
+/// every NodeENI.
+pub fn wanted(world: &World) -> Vec<WantedSlot> {
     let mut out = Vec::new();
     for (ne, spec) in &world.model.nodeenis {
         for (node, n) in &world.model.nodes {
-            if !n.labels.contains(ne) || (n.draining && !cfg.draining_keeps_enis) {
+            // A draining Node's ENIs are held as they are, not wanted (see `held`).
+            if !n.labels.contains(ne) || n.draining {
                 continue;
             }
             for (k, s) in spec.subnets.iter().enumerate() {
@@ -108,10 +111,24 @@ pub async fn check(world: &mut World, cfg: &CheckConfig) -> Result<CheckResult, 
         .iter()
         .map(|e| (e.network_interface_id().unwrap_or_default(), e))
         .collect();
+    let foreign_ids: BTreeSet<&str> = world.model.foreign.iter().map(|f| f.id.as_str()).collect();
     let ours: Vec<&NetworkInterface> = all
         .iter()
         .filter(|e| tag_value(e, tags::CLUSTER) == Some(CLUSTER))
+        .filter(|e| !foreign_ids.contains(e.network_interface_id().unwrap_or_default()))
         .collect();
+    // Ours carry no_manage=true (the VPC CNI leaves them alone) and never the VPC CNI's
+    // instance_id tag (its leaked-ENI cleanup would delete them).
+    for e in &ours {
+        let id = e.network_interface_id().unwrap_or_default();
+        r.assert(tag_value(e, tags::NO_MANAGE) == Some("true"), || {
+            format!("{id} lacks {}=true", tags::NO_MANAGE)
+        });
+        r.assert(
+            tag_value(e, "node.k8s.amazonaws.com/instance_id").is_none(),
+            || format!("{id} carries the VPC CNI's instance_id tag"),
+        );
+    }
     for e in &ours {
         world.model.seen_enis.insert(
             e.network_interface_id().unwrap_or_default().to_string(),
@@ -132,7 +149,7 @@ pub async fn check(world: &mut World, cfg: &CheckConfig) -> Result<CheckResult, 
     }
 
     // Every wanted slot has exactly one ENI at the right place with the right settings.
-    let slots = wanted(world, cfg);
+    let slots = wanted(world);
     let mut used: BTreeSet<&str> = BTreeSet::new();
     let mut serving: BTreeMap<&WantedSlot, &NetworkInterface> = BTreeMap::new();
     for s in &slots {
@@ -228,6 +245,39 @@ pub async fn check(world: &mut World, cfg: &CheckConfig) -> Result<CheckResult, 
         });
     }
 
+    // A draining Node keeps what it has: at most one ENI per NodeENI and index.
+    let draining: BTreeSet<String> = if cfg.draining_keeps_enis {
+        world
+            .model
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.draining)
+            .map(|(k, _)| ops::node_name(*k))
+            .collect()
+    } else {
+        BTreeSet::new()
+    };
+    let mut held: BTreeMap<(String, String, String), &str> = BTreeMap::new();
+    for e in &ours {
+        let Some(node) = tag_value(e, tags::NODE).filter(|n| draining.contains(*n)) else {
+            continue;
+        };
+        let id = e.network_interface_id().unwrap_or_default();
+        let key = (
+            node.to_string(),
+            tag_value(e, tags::NODE_ENI).unwrap_or_default().to_string(),
+            tag_value(e, tags::DEVICE_INDEX)
+                .unwrap_or_default()
+                .to_string(),
+        );
+        if let Some(other) = held.insert(key.clone(), id) {
+            r.assert(false, || {
+                format!("draining {key:?} holds two ENIs: {other} and {id}")
+            });
+        }
+        used.insert(id);
+    }
+
     // No ENI of this cluster that no slot wants.
     for e in &ours {
         let id = e.network_interface_id().unwrap_or_default();
@@ -294,13 +344,17 @@ pub async fn check(world: &mut World, cfg: &CheckConfig) -> Result<CheckResult, 
                 ready.len()
             )
         });
-        r.assert(status.attachments.len() == mine.len(), || {
+        let listed: Vec<&eni_api::ENIAttachment> = status
+            .attachments
+            .iter()
+            .filter(|a| !draining.contains(&a.node_id))
+            .collect();
+        r.assert(listed.len() == mine.len(), || {
             format!(
                 "NodeENI {name}: {} status attachments for {} slots: {:?}",
-                status.attachments.len(),
+                listed.len(),
                 mine.len(),
-                status
-                    .attachments
+                listed
                     .iter()
                     .map(|a| (&a.node_id, a.device_index, &a.eni_id, &a.status))
                     .collect::<Vec<_>>()

@@ -167,7 +167,8 @@ pub enum Kind {
     OobDetach,
     /// Detach and delete one of the cluster's ENIs behind the controller's back.
     OobDelete,
-    /// Attach an untagged (foreign) ENI at a device index a NodeENI may want.
+    /// Attach a foreign ENI at a device index a NodeENI may want (at the middle of a band:
+    /// a twin cluster's ENI, with this cluster's name and another identity).
     ForeignAttach,
     /// Detach and delete a foreign ENI (unblocks the index).
     ForeignRemove,

@@ -301,7 +301,10 @@ async fn apply(world: &mut World, op: &Op) -> Result<bool, Error> {
         }
         Op::ForeignAttach { node, ne, offset } => {
             if m.nodes.get(node).is_some_and(|n| !n.draining) {
-                let id = world.foreign_attach(*node, ops::band(*ne) + offset).await?;
+                // Every foreign ENI at the middle of a band is a twin cluster's.
+                let id = world
+                    .foreign_attach(*node, *ne, ops::band(*ne) + offset, *offset == 1)
+                    .await?;
                 info!(eni = ?id, "foreign ENI attached");
                 id.is_some()
             } else {

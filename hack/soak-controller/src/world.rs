@@ -267,13 +267,24 @@ impl World {
             unexpected_exits: Vec::new(),
             log_dir,
         };
-        // Someone else's ENI, left available in our subnet: the sweeper must leave it.
-        let id = world
-            .create_foreign_eni(&world.subnets[0].1.clone(), "available foreign ENI")
+        // Someone else's ENIs, left available in our subnet: the sweeper must leave them.
+        // The second is a twin cluster's: same cluster name, another cluster identity,
+        // tagged for a slot the soak may want (issue 12, defect 6).
+        let subnet = world.subnets[0].1.clone();
+        let plain = world
+            .create_foreign_eni(&subnet, "available foreign ENI", &[])
             .await?;
-        let eni = world.describe_eni(&id).await?;
-        if let Some(eni) = eni {
-            world.model.foreign.push(foreign_of(&eni));
+        let twin = world
+            .create_foreign_eni(
+                &subnet,
+                "twin cluster's ENI",
+                &twin_tags(0, &ops::node_name(0), "i-0000000000000000", ops::band(0)),
+            )
+            .await?;
+        for id in [plain, twin] {
+            if let Some(eni) = world.describe_eni(&id).await? {
+                world.model.foreign.push(foreign_of(&eni));
+            }
         }
         Ok(world)
     }
@@ -775,13 +786,15 @@ impl World {
         Ok(resp.network_interfaces().first().cloned())
     }
 
-    /// The cluster's ENIs in moto, sorted by ID.
+    /// The cluster's ENIs in moto (not the twin cluster's), sorted by ID.
     pub async fn cluster_enis(&self) -> Result<Vec<NetworkInterface>, Error> {
+        let foreign: BTreeSet<&str> = self.model.foreign.iter().map(|f| f.id.as_str()).collect();
         let mut v: Vec<NetworkInterface> = self
             .all_enis()
             .await?
             .into_iter()
             .filter(|e| tag_value(e, eni_api::tags::CLUSTER) == Some(CLUSTER))
+            .filter(|e| !foreign.contains(e.network_interface_id().unwrap_or_default()))
             .collect();
         v.sort_by(|a, b| a.network_interface_id().cmp(&b.network_interface_id()));
         Ok(v)
@@ -839,18 +852,24 @@ impl World {
         Ok(Some(id))
     }
 
-    async fn create_foreign_eni(&self, subnet: &str, description: &str) -> Result<String, Error> {
+    async fn create_foreign_eni(
+        &self,
+        subnet: &str,
+        description: &str,
+        extra_tags: &[(String, String)],
+    ) -> Result<String, Error> {
+        let mut tags = TagSpecification::builder()
+            .resource_type(ResourceType::NetworkInterface)
+            .tags(tag("owner", "someone-else"));
+        for (k, v) in extra_tags {
+            tags = tags.tags(tag(k, v));
+        }
         self.ec2
             .create_network_interface()
             .subnet_id(subnet)
             .groups(&self.groups[0].1)
             .description(description)
-            .tag_specifications(
-                TagSpecification::builder()
-                    .resource_type(ResourceType::NetworkInterface)
-                    .tags(tag("owner", "someone-else"))
-                    .build(),
-            )
+            .tag_specifications(tags.build())
             .send()
             .await
             .map_err(|e| ec2_err("create foreign ENI", e))?
@@ -861,13 +880,26 @@ impl World {
     }
 
     /// Attaches a foreign ENI to `node`'s instance at `index`, through the fault layer so
-    /// EC2's index check applies (an occupied index makes this a no-op).
-    pub async fn foreign_attach(&mut self, node: u8, index: i32) -> Result<Option<String>, Error> {
+    /// EC2's index check applies (an occupied index makes this a no-op). A `twin` carries
+    /// this cluster's name and the tags of the slot at that index, with another cluster's
+    /// identity.
+    pub async fn foreign_attach(
+        &mut self,
+        node: u8,
+        ne: u8,
+        index: i32,
+        twin: bool,
+    ) -> Result<Option<String>, Error> {
         let Some(instance) = self.model.nodes.get(&node).map(|n| n.instance_id.clone()) else {
             return Ok(None);
         };
+        let extra = if twin {
+            twin_tags(ne, &ops::node_name(node), &instance, index)
+        } else {
+            Vec::new()
+        };
         let id = self
-            .create_foreign_eni(&self.subnets[0].1.clone(), "foreign: not ours")
+            .create_foreign_eni(&self.subnets[0].1.clone(), "foreign: not ours", &extra)
             .await?;
         let attached = self
             .ec2_faulty
@@ -921,6 +953,26 @@ impl World {
             .map_err(|e| ec2_err("delete foreign ENI", e))?;
         Ok(Some(f.id))
     }
+}
+
+/// Identity of the twin cluster (same `--cluster-name`, another cluster).
+pub const TWIN_CLUSTER_ID: &str = "00000000-0000-4000-8000-7717c1a57e25";
+
+/// Tags a twin cluster's controller puts on its ENI for the slot (ne, node, index).
+pub fn twin_tags(ne: u8, node: &str, instance: &str, index: i32) -> Vec<(String, String)> {
+    use eni_api::tags;
+    [
+        (tags::CLUSTER, CLUSTER.to_string()),
+        (tags::CLUSTER_ID, TWIN_CLUSTER_ID.to_string()),
+        (tags::NODE_ENI, ops::nodeeni_name(ne)),
+        (tags::NODE, node.to_string()),
+        (tags::INSTANCE, instance.to_string()),
+        (tags::DEVICE_INDEX, index.to_string()),
+        (tags::NO_MANAGE, "true".to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
 }
 
 /// Milliseconds since the Unix epoch.
