@@ -210,12 +210,17 @@ preflight() {
         [[ -x $ENI_BIN_DIR/$b ]] || die "$ENI_BIN_DIR/$b missing: run make peers"
     done
     [[ -x $PY ]] || die "moto venv missing ($PY): run make peers"
-    "$ENI_BIN_DIR/kubelet-dp" -h 2>&1 | grep -q -- -pod-resources ||
+    # Capture the help first: with pipefail, `| grep -q` can fail when grep exits
+    # before the program has written everything (SIGPIPE).
+    local help
+    help=$("$ENI_BIN_DIR/kubelet-dp" -h 2>&1 || true)
+    [[ $help == *-pod-resources* ]] ||
         die "$ENI_BIN_DIR/kubelet-dp is older than its --pod-resources flag: run make peers"
     for b in eni-controller eni-manager cni-helper; do
         [[ -x $DEMO_BIN_DIR/$b ]] || die "$DEMO_BIN_DIR/$b missing: run make build (or set DEMO_BIN_DIR)"
     done
-    "$DEMO_BIN_DIR/eni-manager" --help 2>/dev/null | grep -q -- --enable-unsafe-noiommu-mode ||
+    help=$("$DEMO_BIN_DIR/eni-manager" --help 2>/dev/null || true)
+    [[ $help == *--enable-unsafe-noiommu-mode* ]] ||
         die "$DEMO_BIN_DIR/eni-manager is older than its no-IOMMU flag: run make build (or set DEMO_BIN_DIR)"
     "$DEMO_BIN_DIR/eni-manager" --simulate-pci-kernel=true --help >/dev/null 2>&1 ||
         die "$DEMO_BIN_DIR/eni-manager was built without the test-util feature the demo needs: run make build"
