@@ -74,6 +74,27 @@ async fn foreign_eni(w: &World, description: &str, tags: &[(&str, &str)]) -> Str
         .to_string()
 }
 
+/// A NodeENI as the older controller leaves it: its finalizer, and one status
+/// attachment in its shape.
+async fn left_by_older_controller(w: &World, yaml: &str, attachment: serde_json::Value) {
+    let value: serde_json::Value = serde_yaml_ng::from_str(yaml).expect("yaml");
+    let mut obj: NodeENI = serde_json::from_value(value).expect("NodeENI");
+    obj.metadata.finalizers = Some(vec![FINALIZER.to_string()]);
+    let name = obj.metadata.name.clone().expect("name");
+    w.nodeenis()
+        .create(&Default::default(), &obj)
+        .await
+        .expect("create");
+    w.nodeenis()
+        .patch_status(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"status": {"attachments": [attachment]}})),
+        )
+        .await
+        .expect("old status");
+}
+
 async fn attach(w: &World, eni: &str, instance: &str, index: i32) -> String {
     w.ec2
         .attach_network_interface()
@@ -322,32 +343,22 @@ async fn older_controller_enis_are_adopted_and_cleaned_up() {
     )
     .await;
     let attachment = attach(&w, &old, &instance, 2).await;
-    let yaml = plain("legacy", &subnet, 2);
-    let value: serde_json::Value = serde_yaml_ng::from_str(&yaml).expect("yaml");
-    let mut obj: NodeENI = serde_json::from_value(value).expect("NodeENI");
-    obj.metadata.finalizers = Some(vec![FINALIZER.to_string()]);
-    w.nodeenis()
-        .create(&Default::default(), &obj)
-        .await
-        .expect("create");
     // The status exactly as the older controller writes it (its
     // createAndAttachENIForSubnet: no device index, status "attached").
-    w.nodeenis()
-        .patch_status(
-            "legacy",
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({"status": {"attachments": [{
-                "nodeID": "node-1",
-                "instanceID": instance,
-                "eniID": old,
-                "attachmentID": attachment,
-                "subnetID": subnet,
-                "status": "attached",
-                "lastUpdated": "2026-01-01T00:00:00Z",
-            }]}})),
-        )
-        .await
-        .expect("old status");
+    left_by_older_controller(
+        &w,
+        &plain("legacy", &subnet, 2),
+        serde_json::json!({
+            "nodeID": "node-1",
+            "instanceID": instance,
+            "eniID": old,
+            "attachmentID": attachment,
+            "subnetID": subnet,
+            "status": "attached",
+            "lastUpdated": "2026-01-01T00:00:00Z",
+        }),
+    )
+    .await;
 
     w.start_controller(&[]);
     let adopted = w.wait_for("legacy", "Ready", ready).await;
@@ -390,26 +401,16 @@ async fn misplaced_untagged_eni_is_never_dropped_or_touched() {
     let subnet = w.subnets["net-a"].clone();
     let stray = foreign_eni(&w, "manual", &[]).await;
     attach(&w, &stray, &instance, 3).await;
-    let value: serde_json::Value =
-        serde_yaml_ng::from_str(&plain("stray", &subnet, 2)).expect("yaml");
-    let mut obj: NodeENI = serde_json::from_value(value).expect("NodeENI");
-    obj.metadata.finalizers = Some(vec![FINALIZER.to_string()]);
-    w.nodeenis()
-        .create(&Default::default(), &obj)
-        .await
-        .expect("create");
-    w.nodeenis()
-        .patch_status(
-            "stray",
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({"status": {"attachments": [{
-                "nodeID": "node-1", "instanceID": instance, "eniID": stray,
-                "attachmentID": "eni-attach-0", "subnetID": subnet, "deviceIndex": 2,
-                "status": "attached",
-            }]}})),
-        )
-        .await
-        .expect("old status");
+    left_by_older_controller(
+        &w,
+        &plain("stray", &subnet, 2),
+        serde_json::json!({
+            "nodeID": "node-1", "instanceID": instance, "eniID": stray,
+            "attachmentID": "eni-attach-0", "subnetID": subnet, "deviceIndex": 2,
+            "status": "attached",
+        }),
+    )
+    .await;
     w.start_controller(&[]);
     w.wait_for("stray", "NotAdopted", |o| {
         o.status.as_ref().is_some_and(|s| {

@@ -304,7 +304,24 @@ pub(super) fn build_status<E: Ec2>(
             });
             attachments.push(a);
         }
-        for (id, _) in &plan.removals {
+        // ENIs no slot claims: on their way out, or held as they are. Their slot is read
+        // from their tags.
+        let unclaimed = plan
+            .removals
+            .iter()
+            .map(|(id, _)| {
+                (
+                    id,
+                    plan::removal_status as fn(&crate::ec2::Eni) -> AttachmentStatus,
+                )
+            })
+            .chain(plan.held.iter().map(|id| {
+                (
+                    id,
+                    plan::observed_status as fn(&crate::ec2::Eni) -> AttachmentStatus,
+                )
+            }));
+        for (id, status) in unclaimed {
             if let Some(e) = inventory.get(id) {
                 attachments.push(entry(
                     e.tags.get(tags::NODE).map(String::as_str).unwrap_or(""),
@@ -315,22 +332,7 @@ pub(super) fn build_status<E: Ec2>(
                         .and_then(|i| i.parse().ok())
                         .unwrap_or_default(),
                     Some(id),
-                    plan::removal_status(e),
-                ));
-            }
-        }
-        for id in &plan.held {
-            if let Some(e) = inventory.get(id) {
-                attachments.push(entry(
-                    e.tags.get(tags::NODE).map(String::as_str).unwrap_or(""),
-                    e.tags.get(tags::INSTANCE).map(String::as_str).unwrap_or(""),
-                    &e.subnet_id,
-                    e.tags
-                        .get(tags::DEVICE_INDEX)
-                        .and_then(|i| i.parse().ok())
-                        .unwrap_or_default(),
-                    Some(id),
-                    plan::observed_status(e),
+                    status(e),
                 ));
             }
         }
