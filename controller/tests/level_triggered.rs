@@ -198,6 +198,9 @@ async fn token_sent_with_other_settings_is_replaced() {
             attachments(o)
                 .first()
                 .is_some_and(|a| a.client_token.is_some())
+                // The controller has given up for this pass (no retry of its own can
+                // race the create below).
+                && condition(o, "Ready").is_some_and(|c| c.message.contains("injected by ec2-faults"))
         })
         .await;
     let token = attachments(&pending)[0]
