@@ -2,12 +2,14 @@
 # Obtains the real peers the tests run against and caches them in $ENI_CACHE_DIR/bin.
 # Idempotent: a peer is rebuilt only when its pinned module (hack/peers/*/go.mod) changes.
 #
-#   kube-apiserver, kubectl v1.37.2   Go module proxy (hack/peers/kube)
+#   kube-apiserver, kubectl,         Go module proxy (hack/peers/kube)
+#   kubelet, kube-scheduler v1.37.2
 #   kubelet-dp harness               the kubelet's device manager (hack/peers/kube/kubelet-dp)
 #   etcd v3.6                        Go module proxy (hack/peers/etcd)
 #   helm v3, multus v4.3.0, cnitool  Go module proxy (hack/peers/{helm,multus,cnitool})
 #   helm-docs v1.14                  Go module proxy (hack/peers/helm-docs): chart READMEs
-#   CNI plugins, iproute2            Debian packages
+#   CNI plugins, iproute2,           Debian packages
+#   containerd, runc, busybox-static   (the kubelet's runtime and the pods' image)
 #   moto[server]                     PyPI, in a venv under $ENI_CACHE_DIR
 #
 # Usage: hack/peers.sh [--print]   (--print only prints versions of what is cached)
@@ -69,6 +71,8 @@ if [[ ${1:-} != --print ]]; then
   KUBE_LDFLAGS="-s -w -X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=37 -X k8s.io/component-base/version.gitTreeState=clean -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION -X k8s.io/client-go/pkg/version.gitMajor=1 -X k8s.io/client-go/pkg/version.gitMinor=37"
   build_go kube-apiserver kube "$KUBE_LDFLAGS" k8s.io/kubernetes/cmd/kube-apiserver
   build_go kubectl kube "$KUBE_LDFLAGS" k8s.io/kubernetes/cmd/kubectl
+  build_go kubelet kube "$KUBE_LDFLAGS" k8s.io/kubernetes/cmd/kubelet
+  build_go kube-scheduler kube "$KUBE_LDFLAGS" k8s.io/kubernetes/cmd/kube-scheduler
   if [[ -d $HACK_DIR/peers/kube/kubelet-dp ]]; then
     build_go kubelet-dp kube "-s -w" ./kubelet-dp
   fi
@@ -79,6 +83,9 @@ if [[ ${1:-} != --print ]]; then
   build_go cnitool cnitool "-s -w" github.com/containernetworking/cni/cnitool
   apt_ensure containernetworking-plugins /usr/lib/cni/ipvlan /usr/lib/cni/macvlan /usr/lib/cni/host-device /usr/lib/cni/host-local
   apt_ensure iproute2 /usr/sbin/ip /usr/bin/ip
+  apt_ensure containerd /usr/bin/containerd /usr/bin/ctr
+  apt_ensure runc /usr/sbin/runc
+  apt_ensure busybox-static /bin/busybox
   moto_ensure
 fi
 
@@ -86,6 +93,10 @@ ver() { printf '  %-16s %s\n' "$1" "$2"; }
 log "peers in $ENI_BIN_DIR"
 ver kube-apiserver "$("$ENI_BIN_DIR/kube-apiserver" --version 2>&1 | head -1)"
 ver kubectl "$("$ENI_BIN_DIR/kubectl" version --client 2>&1 | head -1)"
+ver kubelet "$("$ENI_BIN_DIR/kubelet" --version 2>&1 | head -1)"
+ver kube-scheduler "$("$ENI_BIN_DIR/kube-scheduler" --version 2>&1 | head -1)"
+ver containerd "$(containerd --version 2>&1 | head -1)"
+ver runc "$(runc --version 2>&1 | head -1)"
 ver etcd "$("$ENI_BIN_DIR/etcd" --version 2>&1 | head -1)"
 ver helm "$("$ENI_BIN_DIR/helm" version --short 2>&1)"
 ver helm-docs "$(grep -m1 'norwoodj/helm-docs ' "$HACK_DIR/peers/helm-docs/go.mod" | awk '{print $NF}')"
