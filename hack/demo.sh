@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # The whole of aws-multi-eni on one machine: no AWS account, no cluster.
 #
-#   hack/demo.sh [up]     start everything, apply the sample NodeENIs, attach a pod to an
-#                         ENI through Multus, print what happened; leaves it running
-#   hack/demo.sh down     stop every process, delete every namespace it made
-#   hack/demo.sh cni-add  run the Multus CNI ADD for the demo pod (up does it once)
-#   hack/demo.sh cni-del  run the Multus CNI DEL for the demo pod
-#   hack/demo.sh status   print the NodeENIs, attachments, capacity and interfaces again
+#   hack/demo.sh [up]     start everything, apply the sample NodeENIs, run a pod that asks
+#                         for a DPDK ENI in its limits and gets a second ENI through Multus,
+#                         print what happened; leaves it running
+#   hack/demo.sh down     delete the demo's pods, stop every process, delete every namespace
+#   hack/demo.sh status   print the NodeENIs, attachments, capacity, the pod and interfaces again
+#   hack/demo.sh kubelet-restart NODE   restart NODE's kubelet (containerd and pods keep running)
+#   hack/demo.sh pod NAME                one more pod like the demo's on node-1 (it needs a free DPDK ENI)
 #
 # Real binaries: etcd, kube-apiserver, kubectl, moto (EC2), eni-controller, eni-manager
-# (with its device plugin), kubelet-dp (the kubelet's own device-manager code), Multus
-# (thin plugin), cni-helper and the Debian CNI plugins. The one simulated piece is
+# (with its device plugin), a real kubelet and containerd + runc per node (hack/testkit's
+# eni-kubelet runs them inside the node's network namespace), Multus (thin plugin, run by
+# containerd), cni-helper and the Debian CNI plugins. The one simulated piece is
 # hack/sim-nitro: it turns ENIs attached in moto into interfaces (veth ends) inside each
 # node's network namespace and into fake ENA PCI devices in each node's fake sysfs tree.
 #
@@ -19,7 +21,7 @@
 # Environment:
 #   DEMO_DIR      state and logs (default <repo>/.demo)
 #   DEMO_PREFIX   prefix of the network namespace names (default eni-demo)
-#   DEMO_BIN_DIR  where eni-controller, eni-manager, cni-helper are (default
+#   DEMO_BIN_DIR  where eni-controller, eni-manager, cni-helper, eni-kubelet are (default
 #                 $CARGO_TARGET_DIR/debug)
 #   DEMO_QUIET=1  only the step lines (the end-to-end test uses it)
 #   DEMO_KEEP_ON_FAILURE=1  leave everything running when a step fails, to debug it
@@ -42,6 +44,7 @@ CLUSTER=demo
 REGION=us-east-1
 RESOURCE=intel.com/intel_sriov_netdevice
 POD=eni-demo-pod
+POD_IMAGE=localhost/eni-demo/busybox:1.0
 POD_NS=default
 KUBECTL=$ENI_BIN_DIR/kubectl
 
@@ -78,7 +81,6 @@ show_as() { # show_as <displayed command> <title> <command...>
 }
 kc() { KUBECONFIG=$DEMO_DIR/kubeconfig "$KUBECTL" "$@"; }
 node_ns() { echo "$DEMO_PREFIX-$1"; }
-pod_netns() { echo "$DEMO_PREFIX-pod"; }
 nitro_ns() { echo "$DEMO_PREFIX-nitro"; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
@@ -179,9 +181,14 @@ stop_procs() { # stop_procs <name>...: SIGTERM their process groups together, SI
 down() {
     step "down: stopping the demo in $DEMO_DIR"
     if [[ -d $PIDS ]]; then
-        # Consumers first; sim-nitro unplugs its interfaces when it stops; peers last
+        # The pods first, while the kubelets run: their CNI DEL gives the ENIs back.
+        if alive kube-apiserver && [[ -f $DEMO_DIR/kubeconfig ]]; then
+            kc delete pods -n $POD_NS --all --wait=true --timeout=30s >/dev/null 2>&1 || true
+        fi
+        # Consumers next; sim-nitro unplugs its interfaces when it stops; peers last
         # (kube-apiserver before etcd: without etcd it takes long to stop).
-        stop_procs "${NODES[@]/#/kubelet-dp-}" "${NODES[@]/#/eni-manager-}" eni-controller
+        stop_procs "${NODES[@]/#/eni-kubelet-}"
+        stop_procs "${NODES[@]/#/eni-manager-}" eni-controller
         stop_procs sim-nitro
         stop_procs moto kube-apiserver
         stop_procs etcd
@@ -191,12 +198,12 @@ down() {
         done
         stop_procs "${rest[@]+"${rest[@]}"}"
     fi
-    for ns in "$(pod_netns)" "${NODES[@]/#/$DEMO_PREFIX-}" "$(nitro_ns)"; do
+    for ns in "${NODES[@]/#/$DEMO_PREFIX-}" "$(nitro_ns)"; do
         if ip netns list | grep -qw "^$ns"; then
             ip netns del "$ns"
         fi
     done
-    rm -rf "$DEMO_DIR/etcd" "$DEMO_DIR"/node-*/device-plugins
+    rm -rf "$DEMO_DIR/etcd" "$DEMO_DIR"/node-*/k/lib/containerd
     say "Stopped. Logs kept in $LOGS/."
 }
 
@@ -206,17 +213,15 @@ preflight() {
     step "1/12 preflight: root, cached peers, built binaries"
     [[ $(id -u) == 0 ]] || die "the demo needs root (network namespaces): sudo make demo"
     local b
-    for b in etcd kube-apiserver kubectl multus kubelet-dp; do
+    for b in etcd kube-apiserver kubectl kubelet multus; do
         [[ -x $ENI_BIN_DIR/$b ]] || die "$ENI_BIN_DIR/$b missing: run make peers"
     done
+    for b in /usr/bin/containerd /usr/bin/ctr /usr/sbin/runc /bin/busybox; do
+        [[ -x $b ]] || die "$b missing: run make peers (it installs containerd, runc and busybox-static from Debian)"
+    done
     [[ -x $PY ]] || die "moto venv missing ($PY): run make peers"
-    # Capture the help first: with pipefail, `| grep -q` can fail when grep exits
-    # before the program has written everything (SIGPIPE).
     local help
-    help=$("$ENI_BIN_DIR/kubelet-dp" -h 2>&1 || true)
-    [[ $help == *-pod-resources* ]] ||
-        die "$ENI_BIN_DIR/kubelet-dp is older than its --pod-resources flag: run make peers"
-    for b in eni-controller eni-manager cni-helper; do
+    for b in eni-controller eni-manager cni-helper eni-kubelet; do
         [[ -x $DEMO_BIN_DIR/$b ]] || die "$DEMO_BIN_DIR/$b missing: run make build (or set DEMO_BIN_DIR)"
     done
     help=$("$DEMO_BIN_DIR/eni-manager" --help 2>/dev/null || true)
@@ -231,9 +236,12 @@ preflight() {
         say "A previous demo is still running: stopping it first."
         down
     fi
-    for n in "${NODES[@]}" pod nitro; do
+    for n in "${NODES[@]}" nitro; do
         ip netns del "$DEMO_PREFIX-$n" 2>/dev/null || true
     done
+    # Device plugins bind Unix sockets (at most 107 bytes) under
+    # $DEMO_DIR/node-N/k/lib/kubelet/device-plugins/.
+    ((${#DEMO_DIR} <= 48)) || die "DEMO_DIR=$DEMO_DIR is longer than 48 characters: the device plugin's socket path under it would be too long for a Unix socket; set DEMO_DIR to a shorter path"
     rm -rf "$DEMO_DIR"
     mkdir -p "$LOGS" "$PIDS"
 }
@@ -254,14 +262,22 @@ start_apiserver() {
     echo "$token,admin,admin,\"system:masters\"" >"$d/tokens.csv"
     port=$(free_port)
     echo "$port" >"$DEMO_DIR/apiserver.port"
-    start kube-apiserver "$ENI_BIN_DIR/kube-apiserver" --etcd-servers="http://127.0.0.1:$etcd_port" \
+    # The API server reaches each kubelet (exec, logs) by the Node's name, which its own
+    # private /etc/hosts resolves to 127.0.0.1 (each eni-kubelet forwards its port there).
+    {
+        echo "127.0.0.1 localhost"
+        printf '127.0.0.1 %s\n' "${NODES[@]}"
+    } >"$d/hosts"
+    start kube-apiserver unshare --mount --propagation private -- \
+        sh -c 'mount --bind "$0" /etc/hosts && exec "$@"' "$d/hosts" \
+        "$ENI_BIN_DIR/kube-apiserver" --etcd-servers="http://127.0.0.1:$etcd_port" \
         --secure-port="$port" --bind-address=127.0.0.1 --advertise-address=127.0.0.1 \
         --endpoint-reconciler-type=none --cert-dir="$d/certs" \
         --service-account-issuer=https://kubernetes.default.svc \
         --service-account-key-file="$d/sa.key" --service-account-signing-key-file="$d/sa.key" \
         --service-cluster-ip-range=10.96.0.0/24 --authorization-mode=RBAC \
         --token-auth-file="$d/tokens.csv" --disable-admission-plugins=ServiceAccount \
-        --allow-privileged=true --v=1
+        --allow-privileged=true --kubelet-preferred-address-types=Hostname --v=1
     cat >"$DEMO_DIR/kubeconfig" <<EOF
 apiVersion: v1
 kind: Config
@@ -320,7 +336,7 @@ spec:
 EOF
         ip netns add "$(node_ns "$n")"
         ip -n "$(node_ns "$n")" link set lo up
-        mkdir -p "$DEMO_DIR/$n"/{sys,dev,run,device-plugins,devinfo,ipam,multus}
+        mkdir -p "$DEMO_DIR/$n"/{sys,dev,run,kubelet,devinfo,ipam,multus}
         nodes_json=$(jq -c --arg n "$n" --arg i "$inst" --arg ns "$(node_ns "$n")" \
             --arg sys "$DEMO_DIR/$n/sys" --arg dev "$DEMO_DIR/$n/dev" \
             '. + [{name: $n, instance: $i, netns: $ns, sysfs: $sys, dev: $dev}]' <<<"$nodes_json")
@@ -352,26 +368,67 @@ start_controller() {
     alive eni-controller || die "eni-controller exited"
 }
 
+# The CNI setup containerd uses on every node: Multus (thin plugin) as the only network
+# config, delegating the pod network to ptp; cni-helper and the Debian plugins beside it.
+setup_cni() {
+    mkdir -p "$DEMO_DIR/cni-bin"
+    ln -sf "$DEMO_BIN_DIR/cni-helper" "$DEMO_DIR/cni-bin/cni-helper"
+    ln -sf "$ENI_BIN_DIR/multus" "$DEMO_DIR/cni-bin/multus"
+    local p i n
+    for p in host-device ptp host-local static loopback; do
+        ln -sf "$CNI_PLUGINS/$p" "$DEMO_DIR/cni-bin/$p"
+    done
+    for i in "${!NODES[@]}"; do
+        n=${NODES[$i]}
+        jq -n --arg kc "$DEMO_DIR/kubeconfig" --arg bin "$DEMO_DIR/cni-bin" --arg d "$DEMO_DIR/$n" \
+            --arg subnet "10.88.$((i + 1)).0/24" '{
+            cniVersion: "1.0.0", name: "multus-cni-network", type: "multus",
+            kubeconfig: $kc, binDir: $bin, cniDir: ($d + "/multus"),
+            delegates: [{cniVersion: "1.0.0", name: "podnet", type: "ptp",
+                ipam: {type: "host-local", subnet: $subnet, dataDir: ($d + "/ipam")}}]
+        }' >"$DEMO_DIR/$n/multus.conf"
+        # cni-helper's node-local config (the node chart writes /etc/aws-multi-eni/cni-helper.json
+        # on a real node; a NAD cannot say where to look). It reaches cni-helper through
+        # containerd's environment, which Multus passes on to its delegates.
+        jq -n --arg s "$DEMO_DIR/$n/run" '{stateDir: $s}' >"$DEMO_DIR/$n/cni-helper.json"
+    done
+}
+
+kubelet_ready() { # kubelet_ready <node>: the Node's Ready condition, set by its kubelet
+    [[ $(kc get node "$1" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}') == True ]]
+}
+
 start_node_agents() {
-    step "7/12 per node: kubelet-dp (the kubelet's device manager) + eni-manager in the node namespace (logs: $LOGS/kubelet-dp-*.log, eni-manager-*.log)"
-    local n d
+    step "7/12 per node: a real kubelet + containerd in the node namespace, and eni-manager (logs: $LOGS/eni-kubelet-*.log, $DEMO_DIR/node-*/k/logs/, $LOGS/eni-manager-*.log)"
+    setup_cni
+    local i n d inst az
+    az=$(jq -r .az "$DEMO_DIR/world.json")
+    for i in "${!NODES[@]}"; do
+        n=${NODES[$i]}
+        d=$DEMO_DIR/$n
+        inst=$(jq -r ".instances[$i].id" "$DEMO_DIR/world.json")
+        free_port >"$d/kubelet.port"
+        start "eni-kubelet-$n" env RUST_LOG=info "$DEMO_BIN_DIR/eni-kubelet" --node-name "$n" \
+            --netns "/var/run/netns/$(node_ns "$n")" --dir "$d/k" \
+            --kubeconfig "$DEMO_DIR/kubeconfig" --port "$(cat "$d/kubelet.port")" \
+            --cni-conf "$d/multus.conf" --cni-bin-dir "$DEMO_DIR/cni-bin" \
+            --sysfs "$d/sys" --dev "$d/dev" --provider-id "aws:///$az/$inst" \
+            --containerd-env "CNI_HELPER_CONFIG=$d/cni-helper.json,AWS_EC2_METADATA_DISABLED=true"
+    done
     for n in "${NODES[@]}"; do
         d=$DEMO_DIR/$n
-        start "kubelet-dp-$n" "$ENI_BIN_DIR/kubelet-dp" --dir "$d/device-plugins" \
-            --pod-resources "$d/pod-resources.sock" \
-            --kubeconfig "$DEMO_DIR/kubeconfig" --node-name "$n" --exit-on-stdin-eof=false
-        wait_for 20 "kubelet-dp's kubelet.sock for $n" test -S "$d/device-plugins/kubelet.sock"
+        wait_for 60 "the kubelet and containerd of $n (log: $LOGS/eni-kubelet-$n.log)" test -f "$d/k/ready"
         start "eni-manager-$n" env KUBECONFIG="$DEMO_DIR/kubeconfig" RUST_LOG=info \
             "$DEMO_BIN_DIR/eni-manager" --node-name "$n" --netns "/var/run/netns/$(node_ns "$n")" \
             --sysfs-root "$d/sys" --state-dir "$d/run" --simulate-pci-kernel --enable-unsafe-noiommu-mode \
-            --pod-resources-socket "$d/pod-resources.sock" \
-            --device-plugin-dir "$d/device-plugins" --dev-root "$d/dev" --devinfo-dir "$d/devinfo" \
-            --metrics-addr "127.0.0.1:$(free_port)" --resync-period 30s
+            --pod-resources-socket "$d/k/lib/kubelet/pod-resources/kubelet.sock" \
+            --device-plugin-dir "$d/k/lib/kubelet/device-plugins" --dev-root "$d/dev" \
+            --devinfo-dir "$d/devinfo" --metrics-addr "127.0.0.1:$(free_port)" --resync-period 30s
     done
-    sleep 0.5
     for n in "${NODES[@]}"; do
+        wait_for 60 "$n Ready (its kubelet: $DEMO_DIR/$n/k/logs/)" kubelet_ready "$n"
         alive "eni-manager-$n" || die "eni-manager for $n exited (log: $LOGS/eni-manager-$n.log)"
-        alive "kubelet-dp-$n" || die "kubelet-dp for $n exited"
+        alive "eni-kubelet-$n" || die "eni-kubelet for $n exited (log: $LOGS/eni-kubelet-$n.log)"
     done
 }
 
@@ -392,7 +449,7 @@ capacity_is() { # capacity_is <node> <n>
 }
 
 apply_nodeenis() {
-    step "8/12 apply the sample NodeENIs (docs/examples/nodeeni-plain.yaml: MTU 9001; nodeeni-dpdk.yaml: DPDK) and wait for Ready, MTU, capacity (logs: $LOGS/eni-controller.log $LOGS/eni-manager-*.log $LOGS/kubelet-dp-*.log $LOGS/sim-nitro.log)"
+    step "8/12 apply the sample NodeENIs (docs/examples/nodeeni-plain.yaml: MTU 9001; nodeeni-dpdk.yaml: DPDK) and wait for Ready, MTU, capacity (logs: $LOGS/eni-controller.log $LOGS/eni-manager-*.log $LOGS/sim-nitro.log)"
     kc apply -f "$REPO_DIR/docs/examples/nodeeni-plain.yaml" -f "$REPO_DIR/docs/examples/nodeeni-dpdk.yaml"
     wait_for 90 "both NodeENIs Ready with ${#NODES[@]} attachments each" nodeeni_ready
     local n
@@ -410,12 +467,9 @@ print_state() {
     show "What each node daemon reports (status.nodeReports)" kc get nodeeni multus-dpdk -o \
         'custom-columns=NODE:.status.nodeReports[*].nodeName,PCI:.status.nodeReports[*].interfaces[*].pciAddress,DRIVER:.status.nodeReports[*].interfaces[*].driver,DPDK:.status.nodeReports[*].interfaces[*].dpdkBound'
     show_as "hack/sim-nitro --endpoint \$MOTO enis | jq ... (device index > 0)" "ENIs in EC2 (moto)" ec2_enis
-    local n
-    for n in "${NODES[@]}"; do
-        show "Capacity of $n (written by kubelet-dp from our device plugin)" \
-            kc get node "$n" -o jsonpath='capacity: {.status.capacity}{"\n"}allocatable: {.status.allocatable}{"\n"}'
-    done
-    show "The plain ENI in node-1's namespace: up, MTU 9001" ip -n "$(node_ns node-1)" -d link show ens6
+    show "The Nodes: capacity and allocatable reported by each kubelet (our device plugin adds $RESOURCE)" \
+        kc get nodes -o 'custom-columns=NODE:.metadata.name,READY:.status.conditions[?(@.type=="Ready")].status,VERSION:.status.nodeInfo.kubeletVersion,RUNTIME:.status.nodeInfo.containerRuntimeVersion,CPU:.status.capacity.cpu,MEMORY:.status.capacity.memory,PODS:.status.capacity.pods,ENI-DPDK:.status.capacity.intel\.com/intel_sriov_netdevice,ALLOCATABLE-ENI-DPDK:.status.allocatable.intel\.com/intel_sriov_netdevice'
+    show "The plain ENI in node-2's namespace: up, MTU 9001" ip -n "$(node_ns node-2)" -d link show ens6
     show "The DPDK ENI's PCI device in node-1's fake sysfs: bound to vfio-pci" \
         readlink "$DEMO_DIR/node-1/sys/bus/pci/devices/0000:00:07.0/driver"
 }
@@ -426,78 +480,81 @@ ec2_enis() {
         column -t
 }
 
-multus_conf() {
-    local n=$1
-    jq -n --arg kc "$DEMO_DIR/kubeconfig" --arg bin "$DEMO_DIR/cni-bin" --arg d "$DEMO_DIR/$n" '{
-        cniVersion: "1.0.0", name: "multus-cni-network", type: "multus",
-        kubeconfig: $kc, binDir: $bin, cniDir: ($d + "/multus"),
-        delegates: [{cniVersion: "1.0.0", name: "podnet", type: "ptp",
-            ipam: {type: "host-local", subnet: "10.88.1.0/24", dataDir: ($d + "/ipam")}}]
-    }'
+pod_manifest() { # pod_manifest <name>: the demo pod, bound to node-1
+    cat <<EOF
+apiVersion: v1
+kind: Pod
+metadata:
+  name: $1
+  namespace: $POD_NS
+  annotations:
+    # net1: the plain ENI at device index 1 (cni-helper resolves it to ens6);
+    # net2: the DPDK ENI the kubelet allocated to this pod (Multus passes its PCI address).
+    k8s.v1.cni.cncf.io/networks: eni-host-device, eni-dpdk
+spec:
+  nodeName: node-1
+  terminationGracePeriodSeconds: 1
+  containers:
+    - name: app
+      image: $POD_IMAGE
+      imagePullPolicy: Never
+      command: [sleep, "2147483647"]
+      resources:
+        limits:
+          $RESOURCE: "1"
+EOF
 }
 
-# multus <ADD|DEL>: Multus as the container runtime runs it, inside node-1's namespace.
-multus() {
-    local cmd=$1 n=node-1 uid
-    uid=$(kc get pod -n $POD_NS $POD -o jsonpath='{.metadata.uid}')
-    multus_conf $n >"$DEMO_DIR/$n/multus.conf"
-    # cni-helper's node-local config (written by make_pod) reaches it through Multus, which
-    # passes its environment on to delegates. No IMDS in the demo: the state file answers.
-    CNI_HELPER_CONFIG="$DEMO_DIR/$n/cni-helper.json" AWS_EC2_METADATA_DISABLED=true \
-        CNI_COMMAND=$cmd CNI_CONTAINERID=demo-pod-sandbox CNI_NETNS="/var/run/netns/$(pod_netns)" \
-        CNI_IFNAME=eth0 CNI_PATH="$DEMO_DIR/cni-bin" \
-        CNI_ARGS="IgnoreUnknown=true;K8S_POD_NAMESPACE=$POD_NS;K8S_POD_NAME=$POD;K8S_POD_INFRA_CONTAINER_ID=demo-pod-sandbox;K8S_POD_UID=$uid" \
-        ip netns exec "$(node_ns $n)" "$ENI_BIN_DIR/multus" <"$DEMO_DIR/$n/multus.conf"
+pod_running() { # pod_running <name>
+    [[ $(kc get pod -n $POD_NS "$1" -o jsonpath='{.status.phase}') == Running ]]
 }
 
 make_pod() {
-    step "10/12 NetworkAttachmentDefinition (cni-helper, deviceIndex 1, host-device) + a Pod on node-1 with the Multus annotation"
-    mkdir -p "$DEMO_DIR/cni-bin"
-    ln -sf "$DEMO_BIN_DIR/cni-helper" "$DEMO_DIR/cni-bin/cni-helper"
-    local p
-    for p in host-device ptp host-local static loopback; do
-        ln -sf "$CNI_PLUGINS/$p" "$DEMO_DIR/cni-bin/$p"
-    done
-    # cni-helper's node-local config points at node-1's state directory (on a real node the
-    # node chart writes /etc/aws-multi-eni/cni-helper.json; a NAD cannot say where to look).
-    jq -n --arg s "$DEMO_DIR/node-1/run" '{stateDir: $s}' >"$DEMO_DIR/node-1/cni-helper.json"
-    kc apply -f "$REPO_DIR/docs/examples/nad-host-device.yaml" >/dev/null
-    # No scheduler and no kubelet here: the Pod is bound to node-1 by nodeName and stays Pending.
-    kc create --dry-run=client -o json -f "$REPO_DIR/docs/examples/pod-multus.yaml" |
-        jq '.spec.nodeName = "node-1"' | kc apply -f - >/dev/null
-    show "The NetworkAttachmentDefinition" kc get network-attachment-definitions eni-host-device -o jsonpath='{.spec.config}{"\n"}'
+    step "10/12 NetworkAttachmentDefinitions (docs/examples/nad-host-device.yaml: device index 1; nad-dpdk.yaml: resourceName) + a Pod on node-1 asking for $RESOURCE: 1 in its limits (kubelet log: $DEMO_DIR/node-1/k/logs/)"
+    kc apply -f "$REPO_DIR/docs/examples/nad-host-device.yaml" -f "$REPO_DIR/docs/examples/nad-dpdk.yaml" >/dev/null
+    pod_manifest $POD | kc apply -f - >/dev/null
+    wait_for 60 "pod $POD Running (kubectl describe pod $POD)" pod_running $POD
+    show "The NetworkAttachmentDefinitions" kc get network-attachment-definitions \
+        -o 'custom-columns=NAME:.metadata.name,RESOURCE:.metadata.annotations.k8s\.v1\.cni\.cncf\.io/resourceName,CONFIG:.spec.config'
 }
 
-cni_add() {
-    step "11/12 Multus CNI ADD for the pod (as the runtime would), cni-helper resolves device index 1 -> ens6 (log: $LOGS/multus-add.log)"
-    ip netns list | grep -qw "^$(pod_netns)" || ip netns add "$(pod_netns)"
-    if ! multus ADD >"$LOGS/multus-add.out" 2>"$LOGS/multus-add.log"; then
-        cat "$LOGS/multus-add.out" "$LOGS/multus-add.log" >&2
-        die "Multus ADD failed"
-    fi
-    show "Inside the pod's network namespace: net1 is the ENI" ip -n "$(pod_netns)" -d link show net1
-    show "Addresses in the pod" ip -n "$(pod_netns)" -br addr
+print_pod() {
+    step "11/12 the pod, as the kubelet, containerd and Multus set it up"
+    show "The pod" kc get pod -n $POD_NS $POD -o wide
+    show "Allocated by our device plugin (kubelet Allocate): the PCIDEVICE_* environment" \
+        kc exec -n $POD_NS $POD -- sh -c 'env | grep ^PCIDEVICE_ | sort'
+    show "The vfio device nodes the kubelet gave the pod" kc exec -n $POD_NS $POD -- ls -l /dev/vfio
+    show "Interfaces in the pod: eth0 (pod network), net1 (the ENI at device index 1, MTU 9001)" \
+        kc exec -n $POD_NS $POD -- ip addr
     show "The pod's network-status annotation (written by Multus)" \
         kc get pod -n $POD_NS $POD -o jsonpath='{.metadata.annotations.k8s\.v1\.cni\.cncf\.io/network-status}{"\n"}'
 }
 
-cni_del() {
-    step "Multus CNI DEL for the pod: the ENI goes back to the node (log: $LOGS/multus-del.log)"
-    if ! multus DEL >"$LOGS/multus-del.out" 2>"$LOGS/multus-del.log"; then
-        cat "$LOGS/multus-del.out" "$LOGS/multus-del.log" >&2
-        die "Multus DEL failed"
-    fi
+file_changed() { [[ $(cat "$1") != "$2" ]]; }
+
+kubelet_restart() { # kubelet_restart <node>: SIGHUP to its eni-kubelet restarts the kubelet
+    local n=${1:?usage: hack/demo.sh kubelet-restart NODE} f before
+    f=$DEMO_DIR/$n/k/kubelet-started
+    [[ -f $PIDS/eni-kubelet-$n.pid ]] || die "no kubelet runs for $n"
+    before=$(cat "$f")
+    kill -HUP "$(cat "$PIDS/eni-kubelet-$n.pid")"
+    wait_for 30 "the kubelet of $n to restart" file_changed "$f" "$before"
+    say "kubelet of $n restarted ($(cat "$f"))"
 }
 
 write_env() {
+    local nodes
+    nodes=$(jq -c --arg dir "$DEMO_DIR" '[.[] | . + {
+        stateDir: ($dir + "/" + .name + "/run"),
+        kubeletDir: ($dir + "/" + .name + "/k")}]' "$DEMO_DIR/nodes.json")
     jq -n --arg dir "$DEMO_DIR" --arg moto "$(cat "$DEMO_DIR/moto.endpoint")" \
-        --arg prefix "$DEMO_PREFIX" --arg podns "$(pod_netns)" --arg pod "$POD" \
-        --slurpfile nodes "$DEMO_DIR/nodes.json" --slurpfile world "$DEMO_DIR/world.json" '{
+        --arg prefix "$DEMO_PREFIX" --arg pod "$POD" --arg image "$POD_IMAGE" \
+        --argjson nodes "$nodes" --slurpfile world "$DEMO_DIR/world.json" '{
         dir: $dir, kubeconfig: ($dir + "/kubeconfig"), moto: $moto, prefix: $prefix,
         resource: "intel.com/intel_sriov_netdevice",
         nodeENIs: {plain: "multus-plain", dpdk: "multus-dpdk"},
-        nodes: [$nodes[0][] | . + {stateDir: ($dir + "/" + .name + "/run")}],
-        pod: {name: $pod, namespace: "default", netns: $podns, node: "node-1"},
+        nodes: $nodes,
+        pod: {name: $pod, namespace: "default", node: "node-1", image: $image},
         world: $world[0]
     }' >"$DEMO_DIR/env.json"
 }
@@ -508,15 +565,17 @@ summary() {
     say "Summary"
     say "  - moto attached 2 ENIs to each of the 2 instances (multus-plain at index 1, multus-dpdk at index 2)"
     say "  - both NodeENIs are Ready; the node daemons brought ens6 up with MTU 9001"
-    say "  - the DPDK ENI (00:07.0) is bound to vfio-pci and advertised: $RESOURCE = 1 on each Node"
-    say "  - Multus + cni-helper + host-device gave $POD the ENI as net1"
+    say "  - the DPDK ENI (00:07.0) is bound to vfio-pci; the kubelets show $RESOURCE = 1 in capacity"
+    say "  - $POD asked for $RESOURCE: 1; the kubelet called our device plugin's Allocate and"
+    say "    containerd started it with the PCIDEVICE_* environment and /dev/vfio; Multus (run by"
+    say "    containerd) + cni-helper + host-device gave it the ENI at device index 1 as net1"
     say ""
     say "Still running, all on 127.0.0.1. Try:"
     say "  export KUBECONFIG=$DEMO_DIR/kubeconfig; alias kubectl=$KUBECTL"
-    say "  kubectl get nodeeni -o yaml; kubectl delete nodeeni multus-dpdk; kubectl get node node-1 -o jsonpath='{.status.capacity}'"
-    say "  ip -n $(node_ns node-1) link; ip -n $(pod_netns) link"
-    say "  hack/demo.sh status | cni-del | cni-add"
-    say "Logs: $LOGS/   Stop everything: make demo-down"
+    say "  kubectl get nodes; kubectl describe node node-1; kubectl exec $POD -- ip addr"
+    say "  kubectl delete pod $POD; kubectl get node node-1 -o jsonpath='{.status.allocatable}'"
+    say "  ip -n $(node_ns node-1) link; hack/demo.sh status | kubelet-restart node-1"
+    say "Logs: $LOGS/ and $DEMO_DIR/node-*/k/logs/   Stop everything: make demo-down"
 }
 
 up() {
@@ -532,7 +591,7 @@ up() {
     print_state
     make_pod
     write_env
-    cni_add
+    print_pod
     summary
     trap - EXIT
 }
@@ -540,16 +599,17 @@ up() {
 case "${1:-up}" in
 up) up ;;
 down) down ;;
-status) print_state ;;
-cni-add)
-    trap on_exit EXIT
-    DEMO_KEEP_ON_FAILURE=1 cni_add
+status)
+    print_state
+    if pod_running $POD 2>/dev/null; then print_pod; fi
     ;;
-cni-del)
-    trap on_exit EXIT
-    DEMO_KEEP_ON_FAILURE=1
-    cni_del
+kubelet-restart) kubelet_restart "${2:-}" ;;
+pod)
+    name=${2:?usage: hack/demo.sh pod NAME}
+    pod_manifest "$name" | kc apply -f - >/dev/null
+    wait_for 60 "pod $name Running (kubectl describe pod $name)" pod_running "$name"
+    say "pod $name Running on node-1"
     ;;
--h | --help | help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//' ;;
-*) die "unknown command $1 (up, down, status, cni-add, cni-del)" ;;
+-h | --help | help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//' ;;
+*) die "unknown command $1 (up, down, status, kubelet-restart NODE, pod NAME)" ;;
 esac

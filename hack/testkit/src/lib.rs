@@ -8,6 +8,8 @@
 //!   device index.
 //! * [`faults::FaultProxy`]: the EC2 fault layer in front of moto (throttling, latency,
 //!   EC2 validation moto lacks, injected errors); also the `ec2-faults` binary.
+//! * [`kubelet::NodeRuntime`]: a real kubelet + containerd for one simulated node, inside
+//!   its network namespace; also the `eni-kubelet` binary the demo runs per node.
 //!
 //! The binaries come from `hack/peers.sh`, cached in `$ENI_BIN_DIR`
 //! (default `~/.cache/aws-multi-eni/bin`). Every child process is started through
@@ -17,6 +19,7 @@
 mod apiserver;
 pub mod faults;
 pub mod ipamd;
+pub mod kubelet;
 mod moto;
 mod process;
 

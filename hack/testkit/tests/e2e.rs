@@ -2,8 +2,12 @@
 //!
 //! One implementation, two faces: this test runs `hack/demo.sh up` (quiet, in its own
 //! directory and namespace prefix, so it never collides with a demo someone has running)
-//! and then checks what the demo only prints, plus the way back: Multus DEL, NodeENI
-//! deletion, `hack/demo.sh down`.
+//! and then checks what the demo only prints, through the API server and `kubectl exec`:
+//! real kubelets (one per node, with containerd) report our resource in capacity, run the
+//! pod that asks for it with the device plugin's env and device nodes and the ENI as net1;
+//! a kubelet restart brings capacity back and leaves the pod alone; after the pod is
+//! deleted the device is free for a second pod. Then the way back: NodeENI deletion,
+//! `hack/demo.sh down`.
 //!
 //! Needs root (network namespaces), the cached peers (`make peers`) and the workspace
 //! binaries built next to this test (`cargo test --workspace` builds them; alone:
@@ -56,8 +60,13 @@ struct Demo {
 
 impl Demo {
     fn demo_sh(&self, cmd: &str) -> Output {
+        self.demo_sh_args(cmd, &[])
+    }
+
+    fn demo_sh_args(&self, cmd: &str, args: &[&str]) -> Output {
         Command::new(repo_dir().join("hack/demo.sh"))
             .arg(cmd)
+            .args(args)
             .env("DEMO_DIR", self.dir.path())
             .env("DEMO_PREFIX", &self.prefix)
             .env("DEMO_BIN_DIR", &self.bins)
@@ -67,7 +76,11 @@ impl Demo {
     }
 
     fn run(&self, cmd: &str) {
-        let out = self.demo_sh(cmd);
+        self.run_with(cmd, &[]);
+    }
+
+    fn run_with(&self, cmd: &str, args: &[&str]) {
+        let out = self.demo_sh_args(cmd, args);
         assert!(
             out.status.success(),
             "hack/demo.sh {cmd} failed:\n{}\n{}",
@@ -146,6 +159,85 @@ fn moto_enis(env: &Value) -> Vec<Value> {
         ],
     );
     v.as_array().cloned().unwrap_or_default()
+}
+
+/// `kubectl ARGS` against the demo's API server; stdout when it succeeds.
+fn kubectl(env: &Value, args: &[&str]) -> Option<String> {
+    let out = Command::new(eni_testkit::bin_dir().join("kubectl"))
+        .env(
+            "KUBECONFIG",
+            env["kubeconfig"].as_str().expect("kubeconfig"),
+        )
+        .args(args)
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Runs `cmd` in the pod's container (`kubectl exec`: API server -> kubelet -> containerd).
+fn exec(env: &Value, pod: &str, cmd: &[&str]) -> String {
+    let mut args = vec!["exec", "-n", "default", pod, "--"];
+    args.extend_from_slice(cmd);
+    kubectl(env, &args).unwrap_or_else(|| panic!("kubectl exec {pod} -- {cmd:?} failed"))
+}
+
+/// Asserts what the pod got: `PCIDEVICE_*` env naming one DPDK ENI, its vfio group device
+/// and `/dev/vfio/vfio`, and `net1` with the plain ENI's MAC and MTU 9001. Returns the PCI
+/// address and the container ID.
+fn assert_pod_has_devices(env: &Value, pod: &str, mac: &str) -> (String, String) {
+    let var = "PCIDEVICE_INTEL_COM_INTEL_SRIOV_NETDEVICE";
+    let envs = exec(env, pod, &["env"]);
+    let pci = envs
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{var}=")))
+        .unwrap_or_else(|| panic!("{pod}: no {var} in {envs}"))
+        .to_string();
+    assert!(pci.starts_with("0000:"), "{pod}: {var}={pci}");
+    let info = envs
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{var}_INFO=")))
+        .unwrap_or_else(|| panic!("{pod}: no {var}_INFO in {envs}"));
+    let info: Value = serde_json::from_str(info).expect("_INFO is JSON");
+    let group = info[&pci]["vfio"]["dev-mount"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{pod}: no vfio dev-mount in {info}"))
+        .to_string();
+    let dev = exec(env, pod, &["ls", "/dev/vfio"]);
+    for want in ["vfio", group.trim_start_matches("/dev/vfio/")] {
+        assert!(
+            dev.split_whitespace().any(|d| d == want),
+            "{pod}: /dev/vfio has {dev:?}, not {want}"
+        );
+    }
+    let links = exec(env, pod, &["ip", "-o", "link", "show", "net1"]);
+    assert!(
+        links.contains(mac) && links.contains("mtu 9001"),
+        "{pod}: net1 is not the ENI {mac} with MTU 9001: {links}"
+    );
+    let container = kubectl(
+        env,
+        &[
+            "get",
+            "pod",
+            "-n",
+            "default",
+            pod,
+            "-o",
+            "jsonpath={.status.containerStatuses[0].containerID} {.status.containerStatuses[0].restartCount}",
+        ],
+    )
+    .expect("pod container");
+    (pci, container)
+}
+
+/// UNIX seconds `ago` before now (the kubelet's heartbeats have whole seconds).
+fn unix_seconds_ago(ago: Duration) -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970");
+    i64::try_from(now.saturating_sub(ago).as_secs()).expect("seconds fit i64")
 }
 
 async fn poll<T, F, Fut>(what: &str, deadline: Duration, check: F) -> T
@@ -369,7 +461,7 @@ async fn demo_flow_nodeeni_to_pod_interface_and_back() {
     // The plain ENI: up with MTU 9001 in its node (node-2); node-1's is in the pod as net1.
     let pod = &env["pod"];
     let pod_node = pod["node"].as_str().expect("pod node");
-    let pod_netns = pod["netns"].as_str().expect("pod netns");
+    let pod_name = pod["name"].as_str().expect("pod name");
     for (node, (_, mac)) in &plain {
         if node == pod_node {
             continue;
@@ -380,18 +472,43 @@ async fn demo_flow_nodeeni_to_pod_interface_and_back() {
             .unwrap_or_else(|| panic!("{node}: no link {mac}"));
         assert!(up_with_mtu(link, 9001), "{node}: {link}");
     }
+
+    // The Nodes as their kubelets report them: Ready, real cpu/memory/pods, and our
+    // resource beside them.
+    for n in &nodes {
+        let name = n["name"].as_str().expect("name");
+        let node = nodes_api.get(name).await.expect("node");
+        let status = node.status.as_ref().expect("node status");
+        let info = status.node_info.as_ref().expect("nodeInfo");
+        assert_eq!(info.kubelet_version, "v1.37.2", "{name}");
+        assert!(
+            info.container_runtime_version.starts_with("containerd://"),
+            "{name}: {}",
+            info.container_runtime_version
+        );
+        let cap = status.capacity.as_ref().expect("capacity");
+        for r in ["cpu", "memory", "pods"] {
+            assert!(cap.contains_key(r), "{name}: no {r} in capacity {cap:?}");
+        }
+        assert!(
+            status
+                .conditions
+                .iter()
+                .flatten()
+                .any(|c| c.type_ == "Ready" && c.status == "True"),
+            "{name} not Ready"
+        );
+    }
+
+    // The pod: Running, with what the kubelet got from our device plugin's Allocate
+    // (env, vfio device nodes) and what Multus + cni-helper gave it (net1 = the ENI).
     let (_, pod_mac) = &plain[pod_node];
-    let in_pod = links(pod_netns);
-    let net1 = in_pod
-        .values()
-        .find(|l| l["ifname"] == "net1")
-        .unwrap_or_else(|| panic!("no net1 in the pod: {in_pod:?}"));
-    assert_eq!(net1["address"].as_str(), Some(pod_mac.as_str()));
-    assert!(up_with_mtu(net1, 9001), "{net1}");
-    let p = pods
-        .get(pod["name"].as_str().expect("pod name"))
-        .await
-        .expect("pod");
+    let p = pods.get(pod_name).await.expect("pod");
+    assert_eq!(
+        p.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Running")
+    );
+    let (dpdk_eni_pci, pod_container) = assert_pod_has_devices(&env, pod_name, pod_mac);
     let status: Value = serde_json::from_str(
         p.metadata
             .annotations
@@ -409,16 +526,99 @@ async fn demo_flow_nodeeni_to_pod_interface_and_back() {
         "{status}"
     );
 
-    // Multus DEL: net1 leaves the pod, the ENI is back on the node, up with its MTU.
-    demo.run("cni-del");
-    assert!(
-        !links(pod_netns).values().any(|l| l["ifname"] == "net1"),
-        "net1 still in the pod"
+    // Kubelet restart: the device plugin registers again and capacity is back; the
+    // running pod is untouched (same container, no restart, net1 still there).
+    let restarted = std::time::Instant::now();
+    demo.run_with("kubelet-restart", &[pod_node]);
+    // "Back" is when the new kubelet serves `kubectl exec` again (the API server refuses to
+    // proxy plain requests to a node whose address resolves to loopback).
+    poll(
+        "the restarted kubelet serving kubectl exec",
+        Duration::from_secs(60),
+        || {
+            let ok = kubectl(&env, &["exec", "-n", "default", pod_name, "--", "true"]).is_some();
+            async move { ok.then_some(()) }
+        },
+    )
+    .await;
+    let back = restarted.elapsed();
+    let restart_secs = unix_seconds_ago(back);
+    poll(
+        "capacity and allocatable 1 in a status the restarted kubelet posted",
+        Duration::from_secs(30),
+        || {
+            let api = nodes_api.clone();
+            async move {
+                let node = api.get(pod_node).await.ok()?;
+                let heartbeat = node
+                    .status
+                    .as_ref()?
+                    .conditions
+                    .as_ref()?
+                    .iter()
+                    .find(|c| c.type_ == "Ready")?
+                    .last_heartbeat_time
+                    .as_ref()?
+                    .0
+                    .as_second();
+                (heartbeat >= restart_secs
+                    && capacity(&node).as_deref() == Some("1")
+                    && allocatable(&node).as_deref() == Some("1"))
+                .then_some(())
+            }
+        },
+    )
+    .await;
+    eprintln!(
+        "e2e: kubelet restart: kubelet answering after {back:?}, capacity {RESOURCE}=1 posted {:?} after that",
+        restarted.elapsed().saturating_sub(back)
     );
+    let (_, again) = assert_pod_has_devices(&env, pod_name, pod_mac);
+    assert_eq!(again, pod_container, "the pod's container changed");
+
+    // Pod deletion: the kubelet runs the CNI DEL (the ENI is back on the node, up with its
+    // MTU) and the device is free again: a second pod gets it.
+    pods.delete(pod_name, &DeleteParams::default())
+        .await
+        .expect("delete pod");
+    poll("the pod gone", Duration::from_secs(60), || {
+        let pods = pods.clone();
+        async move { pods.get_opt(pod_name).await.ok()?.is_none().then_some(()) }
+    })
+    .await;
     let node_ns = netns_of(pod_node);
     poll(
         "the ENI back in the node, up with MTU 9001",
-        Duration::from_secs(10),
+        Duration::from_secs(20),
+        || {
+            let l = links(&node_ns);
+            async move { l.get(pod_mac).filter(|l| up_with_mtu(l, 9001)).map(|_| ()) }
+        },
+    )
+    .await;
+    demo.run_with("pod", &["eni-e2e-second"]);
+    let (second_pci, _) = assert_pod_has_devices(&env, "eni-e2e-second", pod_mac);
+    assert_eq!(
+        second_pci, dpdk_eni_pci,
+        "the second pod got another device"
+    );
+    pods.delete("eni-e2e-second", &DeleteParams::default())
+        .await
+        .expect("delete the second pod");
+    poll("the second pod gone", Duration::from_secs(60), || {
+        let pods = pods.clone();
+        async move {
+            pods.get_opt("eni-e2e-second")
+                .await
+                .ok()?
+                .is_none()
+                .then_some(())
+        }
+    })
+    .await;
+    poll(
+        "the ENI back in the node after the second pod",
+        Duration::from_secs(20),
         || {
             let l = links(&node_ns);
             async move { l.get(pod_mac).filter(|l| up_with_mtu(l, 9001)).map(|_| ()) }
