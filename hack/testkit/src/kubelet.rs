@@ -783,3 +783,94 @@ pub fn write_marker(path: &Path, line: &str) -> Result<(), RuntimeError> {
     writeln!(f, "{line}").map_err(io(format!("write {}", tmp.display())))?;
     fs::rename(&tmp, path).map_err(io(format!("rename {}", path.display())))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(dir: &Path) -> NodeRuntimeConfig {
+        NodeRuntimeConfig {
+            node_name: "node-1".into(),
+            netns: "/var/run/netns/x".into(),
+            dir: dir.to_path_buf(),
+            kubeconfig: "/k".into(),
+            port: 12345,
+            cni_conf: "/c.conf".into(),
+            cni_bin_dir: "/cni/bin".into(),
+            sysfs: None,
+            dev: None,
+            containerd_env: Vec::new(),
+            provider_id: None,
+            verbosity: 1,
+        }
+    }
+
+    #[test]
+    fn configs_name_the_node_its_port_and_cgroup_root() {
+        let c = cfg(Path::new("/n"));
+        let k = kubelet_config(&c);
+        assert!(k.contains("port: 12345"), "{k}");
+        assert!(k.contains("cgroupRoot: /eni-kubelet-node-1"), "{k}");
+        assert!(k.contains("failCgroupV1: false"), "{k}");
+        let d = containerd_config(&c);
+        assert!(d.contains(r#"bin_dir = "/cni/bin""#), "{d}");
+        assert!(d.contains(r#"conf_dir = "/n/cni/net.d""#), "{d}");
+        assert!(d.contains("restrict_oom_score_adj = true"), "{d}");
+        assert!(
+            d.contains(&format!(r#"sandbox_image = "{SANDBOX_IMAGE}""#)),
+            "{d}"
+        );
+        // Device plugin sockets (47 bytes for ours) must fit in 107 bytes under it.
+        assert_eq!(
+            c.device_plugin_dir(),
+            Path::new("/n/lib/kubelet/device-plugins")
+        );
+    }
+
+    #[test]
+    fn busybox_image_is_a_consistent_docker_archive() {
+        if !Path::new("/bin/busybox").is_file() {
+            eprintln!("skipped: /bin/busybox missing (make peers installs busybox-static)");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tarball = busybox_image(dir.path(), "localhost/t:1", &["/bin/sh"]).expect("image");
+        let out = dir.path().join("x");
+        fs::create_dir(&out).expect("mkdir");
+        run(Command::new("tar")
+            .arg("-C")
+            .arg(&out)
+            .arg("-xf")
+            .arg(&tarball))
+        .expect("untar");
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&fs::read(out.join("manifest.json")).expect("manifest"))
+                .expect("json");
+        let m = &manifest[0];
+        assert_eq!(m["RepoTags"][0], "localhost/t:1");
+        let config_name = m["Config"].as_str().expect("config");
+        let config = fs::read(out.join(config_name)).expect("config file");
+        assert_eq!(
+            format!("{}.json", hex::encode(Sha256::digest(&config))),
+            config_name,
+            "config named by its digest"
+        );
+        let config: serde_json::Value = serde_json::from_slice(&config).expect("config json");
+        let layer = m["Layers"][0].as_str().expect("layer");
+        let digest = sha256_file(&out.join(layer)).expect("layer digest");
+        assert_eq!(config["rootfs"]["diff_ids"][0], format!("sha256:{digest}"));
+        assert_eq!(config["config"]["Cmd"][0], "/bin/sh");
+        let listing = Command::new("tar")
+            .arg("-tf")
+            .arg(out.join(layer))
+            .output()
+            .expect("tar -t");
+        let listing = String::from_utf8_lossy(&listing.stdout);
+        for f in ["./bin/busybox", "./bin/sh", "./bin/ip", "./bin/sleep"] {
+            assert!(
+                listing.lines().any(|l| l == f),
+                "{f} not in the layer: {listing}"
+            );
+        }
+    }
+}
