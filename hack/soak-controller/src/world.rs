@@ -637,6 +637,19 @@ impl World {
             // Still terminating: the re-create will use this spec.
             return Ok(());
         }
+        // A create right after a delete may find the old object still terminating (its
+        // finalizer waits for the ENIs to go). Applying to it would only edit an object
+        // about to vanish, so the create waits for it to go, like a re-create.
+        let name = ops::nodeeni_name(ne);
+        if self
+            .nodeenis()
+            .get_opt(&name)
+            .await?
+            .is_some_and(|o| o.metadata.deletion_timestamp.is_some())
+        {
+            self.model.pending_recreate.insert(ne);
+            return Ok(());
+        }
         let obj = self.nodeeni_object(ne, spec)?;
         self.nodeenis()
             .patch(
