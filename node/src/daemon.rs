@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use eni_api::{InterfaceReport, NodeENI};
-use eni_deviceplugin::BoundDevice;
+use eni_deviceplugin::{BoundDevice, EniDetails};
 use futures::{Stream, StreamExt};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client};
@@ -64,6 +64,8 @@ pub struct Daemon {
     in_flight: InFlight,
     /// Devices being given back (advertised Unhealthy until they are gone).
     releasing: BTreeSet<String>,
+    /// Per ENI id, what its NodeENI says about it (published with the devices).
+    details: BTreeMap<String, EniDetails>,
 }
 
 /// What one reconcile did.
@@ -114,6 +116,7 @@ impl Daemon {
             metrics,
             in_flight: InFlight::default(),
             releasing: BTreeSet::new(),
+            details: BTreeMap::new(),
         };
         daemon.publish_bound();
         daemon
@@ -124,24 +127,36 @@ impl Daemon {
         &self.state
     }
 
+    /// Sets what the NodeENIs say about this node's ENIs
+    /// ([`crate::inventory::details_from_nodeenis`]); published with the next devices.
+    pub fn set_details(&mut self, details: BTreeMap<String, EniDetails>) {
+        self.details = details;
+    }
+
     fn publish_bound(&self) {
-        let mut devices: Vec<BoundDevice> = self
-            .state
-            .enis
-            .iter()
-            .filter(|e| e.dpdk_bound)
-            .filter_map(|e| {
-                Some(BoundDevice {
-                    pci_address: e.pci_address.clone()?,
-                    resource_name: e.resource_name.clone()?,
-                    driver: e.driver.clone()?,
-                    eni_id: e.eni_id.clone(),
-                    mac_address: e.mac_address.clone(),
-                    device_index: e.device_index,
-                    releasing: self.releasing.contains(e.pci_address.as_deref()?),
+        let mut devices: Vec<BoundDevice> =
+            self.state
+                .enis
+                .iter()
+                .filter(|e| e.dpdk_bound)
+                .filter_map(|e| {
+                    Some(BoundDevice {
+                        pci_address: e.pci_address.clone()?,
+                        resource_name: e.resource_name.clone()?,
+                        driver: e.driver.clone()?,
+                        eni_id: e.eni_id.clone(),
+                        mac_address: e.mac_address.clone(),
+                        device_index: e.device_index,
+                        releasing: self.releasing.contains(e.pci_address.as_deref()?),
+                        details: self.details.get(&e.eni_id).cloned().unwrap_or_else(|| {
+                            EniDetails {
+                                node_eni: e.node_eni.clone(),
+                                ..EniDetails::default()
+                            }
+                        }),
+                    })
                 })
-            })
-            .collect();
+                .collect();
         devices.sort();
         self.bound_tx.send_if_modified(|cur| {
             if *cur == devices {
@@ -622,6 +637,11 @@ pub async fn run(
         let objs = reader.state();
         let desired =
             plan::desired_from_nodeenis(objs.iter().map(AsRef::as_ref), &node, default_mtu);
+        daemon.set_details(crate::inventory::details_from_nodeenis(
+            objs.iter().map(AsRef::as_ref),
+            &node,
+            default_mtu,
+        ));
         let span = info_span!("reconcile", node, enis = desired.len());
         match daemon.reconcile(&desired).instrument(span).await {
             Ok(outcome) => {

@@ -8,6 +8,7 @@
 //! * [`sysfs`]: PCI inspection and driver (re)binding behind the narrow [`sysfs::Sysfs`]
 //!   trait (with the `test-util` feature: a simulated kernel and fake trees for tests
 //!   and the local demo);
+//! * [`inventory`]: ENI facts (NodeENI, subnet, MTU, IPs) published with the devices;
 //! * [`state`]: the `enis.json` state file shared with cni-helper;
 //! * [`podresources`]: which devices running pods hold (kubelet PodResources `List`);
 //! * [`report`]: this node's `status.nodeReports` entry (server-side apply);
@@ -21,6 +22,7 @@ pub mod app;
 pub mod config;
 pub mod daemon;
 pub mod error;
+pub mod inventory;
 pub mod metrics;
 pub mod netlink;
 pub mod plan;

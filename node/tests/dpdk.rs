@@ -225,6 +225,11 @@ async fn bind_record_restart_release() {
         mac_address: MAC.into(),
         device_index: 2,
         releasing: false,
+        // Without NodeENI details set, only the NodeENI name from the state file.
+        details: eni_deviceplugin::EniDetails {
+            node_eni: e.node_eni.clone(),
+            ..Default::default()
+        },
     }];
     assert_eq!(*rx.borrow(), expected);
     drop(d);

@@ -6,6 +6,8 @@
 //!   on a socket in the kubelet's `plugins_registry` directory.
 //! * [`podresources::v1`]: the kubelet's PodResources API (`List`: which devices the
 //!   running pods hold), served on the kubelet's pod-resources socket.
+//! * [`dra::v1`]: the kubelet DRA plugin API (`NodePrepareResources`,
+//!   `NodeUnprepareResources`), served by a DRA driver on its `dra.sock`.
 //!
 //! The `.proto` files live in `proto/kubelet/` and are compiled at build time with a
 //! vendored `protoc`, so no system protobuf compiler is needed.
@@ -55,5 +57,19 @@ pub mod podresources {
 
         /// Default path of the kubelet's pod-resources socket.
         pub const KUBELET_SOCKET: &str = "/var/lib/kubelet/pod-resources/kubelet.sock";
+    }
+}
+
+/// Kubelet DRA plugin API.
+pub mod dra {
+    /// `k8s.io.kubelet.pkg.apis.dra.v1`.
+    #[allow(missing_docs, clippy::all, missing_debug_implementations)]
+    pub mod v1 {
+        tonic::include_proto!("k8s.io.kubelet.pkg.apis.dra.v1");
+
+        /// Service name advertised in `PluginInfo.supported_versions`.
+        pub const SERVICE: &str = "v1.DRAPlugin";
+        /// Default directory of the kubelet's plugin sockets (`<dir>/<driver>/dra.sock`).
+        pub const PLUGINS_PATH: &str = "/var/lib/kubelet/plugins";
     }
 }

@@ -283,6 +283,7 @@ mod tests {
                 mac_address: "02:00:00:00:00:01".into(),
                 device_index: 1,
                 releasing: false,
+                details: Default::default(),
             },
             facts,
         )

@@ -274,8 +274,9 @@ impl Endpoint {
 }
 
 /// Accepts Unix connections and hands tonic in-memory pipes whose client-to-server half
-/// goes through [`crate::authority::pump`].
-async fn accept_with_authority_fix(
+/// goes through [`crate::authority::pump`] (for any socket grpc-go clients of the kubelet
+/// dial by path: plugin watcher registration, DRA plugins).
+pub async fn accept_with_authority_fix(
     listener: UnixListener,
     tx: tokio::sync::mpsc::Sender<std::io::Result<DuplexStream>>,
     stop: CancellationToken,

@@ -46,7 +46,7 @@ use tokio::task::JoinHandle;
 
 pub use config::{Config, RegistrationMode};
 pub use device::{DeviceProbe, SysfsProbe};
-pub use endpoint::connect_unix;
+pub use endpoint::{accept_with_authority_fix, connect_unix};
 pub use error::Error;
 pub use metrics::Allocations;
 pub use service::{PluginService, RegistryService};
@@ -78,6 +78,26 @@ pub struct BoundDevice {
     /// wants DPDK, or is gone): advertised Unhealthy at once, so the kubelet allocates it
     /// to no new pod while a pod that still holds it finishes.
     pub releasing: bool,
+    /// What else the node daemon knows about the ENI (from its NodeENI): not used by the
+    /// device plugin; the DRA driver publishes it as device attributes and claim network
+    /// data, so both read one inventory.
+    pub details: EniDetails,
+}
+
+/// Facts about a device's ENI beyond what the device plugin needs, from the NodeENI that
+/// attached it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EniDetails {
+    /// Name of the NodeENI the ENI belongs to.
+    pub node_eni: String,
+    /// Subnet of the ENI.
+    pub subnet_id: Option<String>,
+    /// VPC of the ENI, when known.
+    pub vpc_id: Option<String>,
+    /// MTU the node daemon applies to the ENI.
+    pub mtu: Option<u32>,
+    /// The ENI's IP addresses in CIDR form (`10.0.1.5/24`).
+    pub ips: Vec<String>,
 }
 
 /// Runs the device plugin until `shutdown` is cancelled, reading devices from sysfs and

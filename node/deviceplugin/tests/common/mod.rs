@@ -123,6 +123,7 @@ pub fn bound(pci: &str, resource: &str, driver: &str) -> BoundDevice {
         mac_address: "02:00:00:00:00:01".into(),
         device_index: 1,
         releasing: false,
+        details: Default::default(),
     }
 }
 
