@@ -58,10 +58,41 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
             source: Box::new(e),
         })?;
 
-    // The current set of DPDK-bound devices, for the kubelet device plugin.
-    let (bound_tx, bound_rx) = watch::channel::<Vec<BoundDevice>>(Vec::new());
+    // The current set of DPDK-bound devices: one inventory, split by resource between
+    // the kubelet device plugin and the DRA driver (a resource is served one way).
+    let (bound_tx, all_rx) = watch::channel::<Vec<BoundDevice>>(Vec::new());
+    let (bound_rx, dra_rx) = split_inventory(all_rx, cfg.dra_resources.clone());
     let plugin_shutdown = CancellationToken::new();
     let metrics = Metrics::new();
+    let dra = match cfg.dra_config() {
+        Some((publisher, plugin)) => {
+            info!(driver = cfg.dra_driver_name, resources = ?cfg.dra_resources, "starting the DRA driver");
+            let probe: Arc<dyn eni_deviceplugin::DeviceProbe> = Arc::new(
+                eni_deviceplugin::SysfsProbe::new(&cfg.sysfs_root, &cfg.dev_root),
+            );
+            let claims = Arc::new(eni_dra::KubeClaims::new(
+                client.clone(),
+                &cfg.dra_driver_name,
+            ));
+            let dra_setup = |e: eni_dra::Error| Error::Setup {
+                what: "start the DRA driver",
+                source: Box::new(e),
+            };
+            let driver = eni_dra::Driver::new(plugin, claims, probe.clone(), dra_rx.clone())
+                .map_err(dra_setup)?;
+            let kubelet_plugin = eni_dra::plugin::start(Arc::new(driver), plugin_shutdown.clone())
+                .map_err(dra_setup)?;
+            let slices = tokio::spawn(eni_dra::publish::run(
+                publisher,
+                client.clone(),
+                probe,
+                dra_rx,
+                plugin_shutdown.clone(),
+            ));
+            Some((slices, kubelet_plugin))
+        }
+        None => None,
+    };
     let mut device_plugin = match cfg.device_plugin_config() {
         Some(mut dp) => {
             dp.allocations = metrics.allocations.clone();
@@ -143,5 +174,51 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
             Err(_) => warn!("device plugin did not stop within {PLUGIN_STOP_TIMEOUT:?}"),
         }
     }
+    if let Some((slices, kubelet_plugin)) = dra {
+        for (what, task) in [
+            ("slice publisher", slices),
+            ("kubelet plugin", kubelet_plugin),
+        ] {
+            match tokio::time::timeout(PLUGIN_STOP_TIMEOUT, task).await {
+                Ok(Ok(Ok(()))) => info!("DRA {what} stopped"),
+                Ok(Ok(Err(e))) => error!(error = %e, "DRA {what} failed"),
+                Ok(Err(e)) => error!(error = %e, "DRA {what} task failed"),
+                Err(_) => warn!("DRA {what} did not stop within {PLUGIN_STOP_TIMEOUT:?}"),
+            }
+        }
+    }
     result
+}
+
+/// Splits the inventory: devices of `dra_resources` go to the DRA driver (second
+/// receiver), all others to the device plugin (first). With no DRA resources the device
+/// plugin reads the inventory itself.
+fn split_inventory(
+    all: watch::Receiver<Vec<BoundDevice>>,
+    dra_resources: Vec<String>,
+) -> (
+    watch::Receiver<Vec<BoundDevice>>,
+    watch::Receiver<Vec<BoundDevice>>,
+) {
+    if dra_resources.is_empty() {
+        let (_, empty) = watch::channel(Vec::new());
+        return (all, empty);
+    }
+    let split = move |devs: &[BoundDevice]| -> (Vec<BoundDevice>, Vec<BoundDevice>) {
+        devs.iter()
+            .cloned()
+            .partition(|d| !dra_resources.contains(&d.resource_name))
+    };
+    let (dp, dra) = split(&all.borrow());
+    let (dp_tx, dp_rx) = watch::channel(dp);
+    let (dra_tx, dra_rx) = watch::channel(dra);
+    let mut all = all;
+    tokio::spawn(async move {
+        while all.changed().await.is_ok() {
+            let (dp, dra) = split(&all.borrow_and_update());
+            dp_tx.send_if_modified(|c| std::mem::replace(c, dp.clone()) != dp);
+            dra_tx.send_if_modified(|c| std::mem::replace(c, dra.clone()) != dra);
+        }
+    });
+    (dp_rx, dra_rx)
 }

@@ -179,6 +179,32 @@ pub struct Config {
         default_value = "/var/run/k8s.cni.cncf.io/devinfo/dp"
     )]
     pub devinfo_dir: PathBuf,
+
+    /// Resources served through Dynamic Resource Allocation instead of the device plugin
+    /// (comma-separated extended resource names, e.g. `intel.com/intel_sriov_netdevice`):
+    /// their devices are published in this node's ResourceSlice and are not advertised
+    /// by the device plugin (a node serves a resource one way, never both). Empty: no DRA.
+    #[arg(long, env = "ENI_MANAGER_DRA_RESOURCES", value_delimiter = ',', num_args = 0..)]
+    pub dra_resources: Vec<String>,
+
+    /// DRA driver name of the ResourceSlices (and of the DeviceClasses that select them).
+    #[arg(long, env = "ENI_MANAGER_DRA_DRIVER_NAME", default_value = eni_dra::DEFAULT_DRIVER_NAME)]
+    pub dra_driver_name: String,
+
+    /// The kubelet's plugin directory: the DRA driver serves
+    /// `<dir>/<driver>/dra.sock` (registered through --plugins-registry-dir) and keeps
+    /// its checkpoint of prepared claims there.
+    #[arg(
+        long,
+        env = "ENI_MANAGER_DRA_PLUGINS_DIR",
+        default_value = "/var/lib/kubelet/plugins"
+    )]
+    pub dra_plugins_dir: PathBuf,
+
+    /// Directory of the CDI spec files the DRA driver writes for prepared claims (the
+    /// container runtime's CDI spec directory).
+    #[arg(long, env = "ENI_MANAGER_CDI_DIR", default_value = "/var/run/cdi")]
+    pub cdi_dir: PathBuf,
 }
 
 /// Older environment variable names, read when the current one (first) is unset.
@@ -213,6 +239,27 @@ impl Config {
             }
         });
         Self::from_arg_matches(&cmd.try_get_matches_from(args)?)
+    }
+
+    /// Whether `resource` is served through DRA (`--dra-resources`).
+    pub fn serves_through_dra(&self, resource: &str) -> bool {
+        self.dra_resources.iter().any(|r| r == resource)
+    }
+
+    /// The DRA driver's slice publisher and kubelet plugin settings (`None` when no
+    /// resource is served through DRA).
+    pub fn dra_config(&self) -> Option<(eni_dra::PublisherConfig, eni_dra::PluginConfig)> {
+        if self.dra_resources.is_empty() {
+            return None;
+        }
+        let mut publisher = eni_dra::PublisherConfig::new(&self.dra_driver_name, &self.node_name);
+        publisher.sysfs_root.clone_from(&self.sysfs_root);
+        let mut plugin = eni_dra::PluginConfig::new(&self.dra_driver_name, &self.node_name);
+        plugin.plugins_dir.clone_from(&self.dra_plugins_dir);
+        plugin.registry_dir.clone_from(&self.plugins_registry_dir);
+        plugin.cdi_dir.clone_from(&self.cdi_dir);
+        plugin.devinfo_dir.clone_from(&self.devinfo_dir);
+        Some((publisher, plugin))
     }
 
     /// The device plugin's settings (`None` when `--device-plugin=false`).
@@ -418,6 +465,49 @@ mod tests {
                 "kubelet"
             ])
             .is_err()
+        );
+    }
+
+    #[test]
+    fn dra_flags() {
+        let c = Config::try_parse_from(["eni-manager", "--node-name", "n1"]).expect("parses");
+        assert!(c.dra_resources.is_empty());
+        assert_eq!(c.dra_driver_name, "eni.networking.k8s.aws");
+        let c = parse_env(
+            &["--node-name=n1"],
+            &[("ENI_MANAGER_DRA_RESOURCES", "a.com/x,b.com/y")],
+        )
+        .expect("parses");
+        assert_eq!(c.dra_resources, ["a.com/x", "b.com/y"]);
+        assert!(c.serves_through_dra("b.com/y") && !c.serves_through_dra("c.com/z"));
+        let c = Config::try_parse_from([
+            "eni-manager",
+            "--node-name=n1",
+            "--dra-resources=a.com/x",
+            "--dra-driver-name=d.example.com",
+        ])
+        .expect("parses");
+        assert_eq!(c.dra_resources, ["a.com/x"]);
+        assert_eq!(c.dra_driver_name, "d.example.com");
+        let (p, k) = c.dra_config().expect("DRA on");
+        assert_eq!(
+            (p.driver.as_str(), p.node.as_str()),
+            ("d.example.com", "n1")
+        );
+        assert_eq!(
+            k.dra_socket(),
+            PathBuf::from("/var/lib/kubelet/plugins/d.example.com/dra.sock")
+        );
+        assert_eq!(
+            k.registration_socket(),
+            PathBuf::from("/var/lib/kubelet/plugins_registry/d.example.com-reg.sock")
+        );
+        assert_eq!(k.cdi_dir, PathBuf::from("/var/run/cdi"));
+        assert!(
+            Config::try_parse_from(["eni-manager", "--node-name=n1"])
+                .expect("parses")
+                .dra_config()
+                .is_none()
         );
     }
 
