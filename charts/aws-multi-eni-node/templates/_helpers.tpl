@@ -32,3 +32,12 @@ privileged: false
 capabilities:
   drop: ["ALL"]
 {{- end -}}
+
+{{/* Comma-separated resource names served through DRA. */}}
+{{- define "eni-manager.draResources" -}}
+{{- $names := list -}}
+{{- range .Values.dra.resources -}}
+{{- $names = append $names (.resourceName | required "dra.resources[].resourceName is required") -}}
+{{- end -}}
+{{- join "," $names -}}
+{{- end -}}

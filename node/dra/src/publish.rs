@@ -238,6 +238,7 @@ pub async fn run(
     let mut health = tokio::time::interval(config.health_interval);
     health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut devices_open = true;
+    let mut slices_open = true;
     let mut failed = false;
     let mut slices_changed = true;
     loop {
@@ -276,7 +277,10 @@ pub async fn run(
         tokio::select! {
             _ = shutdown.cancelled() => break,
             r = devices.changed(), if devices_open => if r.is_err() { devices_open = false; },
-            r = changed.changed() => if r.is_ok() { slices_changed = true; },
+            r = changed.changed(), if slices_open => match r {
+                Ok(()) => slices_changed = true,
+                Err(_) => slices_open = false,
+            },
             _ = health.tick() => {}
             _ = retry => {}
         }

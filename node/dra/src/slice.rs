@@ -455,7 +455,7 @@ mod tests {
             .is_empty()
         );
         // Changed devices: replace with the next generation and the resourceVersion read.
-        let p = plan(&[cur.clone()], "d.example.com", "n1", None, &[]);
+        let p = plan(std::slice::from_ref(&cur), "d.example.com", "n1", None, &[]);
         let r = p.replace.expect("replace");
         assert_eq!(r.spec.pool.generation, 4);
         assert_eq!(r.metadata.resource_version.as_deref(), Some("7"));

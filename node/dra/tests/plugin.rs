@@ -93,30 +93,42 @@ async fn driver_client(server: &ApiServer, admin: &Client) -> Client {
         {"apiGroups": ["resource.k8s.io"], "resources": ["resourceclaims/driver"],
          "resourceNames": [DEFAULT_DRIVER_NAME], "verbs": ["associated-node:patch"]},
     ]);
+    sa_client(server, admin, SA, NODE, rules).await
+}
+
+/// A client for service account `sa` (in `NS`) with `rules`, authenticated by a token
+/// bound to a pod on `node`.
+async fn sa_client(
+    server: &ApiServer,
+    admin: &Client,
+    sa: &str,
+    node: &str,
+    rules: serde_json::Value,
+) -> Client {
     create(
         &Api::<ClusterRole>::all(admin.clone()),
         serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-            "metadata": {"name": SA}, "rules": rules}),
+            "metadata": {"name": sa}, "rules": rules}),
     )
     .await;
     create(
         &Api::<ClusterRoleBinding>::all(admin.clone()),
         serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-            "metadata": {"name": SA},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": SA},
-            "subjects": [{"kind": "ServiceAccount", "name": SA, "namespace": NS}]}),
+            "metadata": {"name": sa},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": sa},
+            "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": NS}]}),
     )
     .await;
     let sas: Api<ServiceAccount> = Api::namespaced(admin.clone(), NS);
     create(
         &sas,
-        serde_json::json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": SA}}),
+        serde_json::json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": sa}}),
     )
     .await;
     let pod: Pod = create(
         &Api::namespaced(admin.clone(), NS),
-        serde_json::json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": SA},
-            "spec": {"nodeName": NODE, "serviceAccountName": SA,
+        serde_json::json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": sa},
+            "spec": {"nodeName": node, "serviceAccountName": sa,
                      "containers": [{"name": "c", "image": "eni-manager:test"}]}}),
     )
     .await;
@@ -125,7 +137,7 @@ async fn driver_client(server: &ApiServer, admin: &Client) -> Client {
             bound_object_ref: Some(BoundObjectReference {
                 api_version: Some("v1".into()),
                 kind: Some("Pod".into()),
-                name: Some(SA.into()),
+                name: Some(sa.into()),
                 uid: pod.metadata.uid.clone(),
             }),
             expiration_seconds: Some(3600),
@@ -134,7 +146,7 @@ async fn driver_client(server: &ApiServer, admin: &Client) -> Client {
         ..Default::default()
     };
     let token = sas
-        .create_token_request(SA, &PostParams::default(), &req)
+        .create_token_request(sa, &PostParams::default(), &req)
         .await
         .expect("TokenRequest")
         .status
@@ -386,6 +398,146 @@ async fn prepare_unprepare_restart_and_claim_status() {
     .await
     .expect("status.devices cleared");
     assert_eq!(unprepare(&dra_sock, &r1).await, "");
+
+    // Prepare latency of the driver alone (gRPC on dra.sock; reads the claim, writes CDI
+    // spec, device-info, checkpoint and the claim status), over prepare/unprepare cycles.
+    let n: usize = std::env::var("ENI_DRA_BENCH_PREPARES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let mut client = dra_client(&dra_sock).await;
+    let mut lat = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = std::time::Instant::now();
+        let r = client
+            .node_prepare_resources(api::NodePrepareResourcesRequest {
+                claims: vec![r1.clone()],
+            })
+            .await
+            .expect("prepare")
+            .into_inner();
+        lat.push(t.elapsed());
+        assert_eq!(r.claims[&r1.uid].error, "");
+        client
+            .node_unprepare_resources(api::NodeUnprepareResourcesRequest {
+                claims: vec![r1.clone()],
+            })
+            .await
+            .expect("unprepare");
+    }
+    lat.sort();
+    let pct = |p: f64| lat[((lat.len() - 1) as f64 * p) as usize].as_secs_f64() * 1000.0;
+    eprintln!(
+        "DRA prepare latency of the driver (gRPC) over {n} prepares: p50 {:.2} ms, p99 {:.2} ms",
+        pct(0.50),
+        pct(0.99)
+    );
     stop.cancel();
     task.await.expect("task").expect("serve");
+}
+
+/// The node chart's `aws-multi-eni-dra-slices` policy, rendered by helm for a service
+/// account of this test: a node's daemon writes its own node's slice and nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "integration: needs kube-apiserver, kubectl and helm (make test-integration)"]
+async fn slices_policy_keeps_each_node_to_its_own_slices() {
+    let server = ApiServer::shared().await.expect("start kube-apiserver");
+    let admin = server.client().await.expect("client");
+    let (sa, node, other) = ("dra-policy-test", "dra-policy-n1", "dra-policy-n2");
+    for n in [node, other] {
+        create(
+            &Api::<Node>::all(admin.clone()),
+            serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": n}}),
+        )
+        .await;
+    }
+    let chart = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../charts/aws-multi-eni-node"
+    );
+    let helm = eni_testkit::peer("helm").expect("helm");
+    let out = std::process::Command::new(helm)
+        .args([
+            "template",
+            "x",
+            chart,
+            "--namespace",
+            NS,
+            "--kube-version",
+            "1.37.2",
+        ])
+        .args([
+            "--set",
+            "dra.enabled=true",
+            "--set",
+            &format!("serviceAccount.name={sa}"),
+        ])
+        .args(["--show-only", "templates/dra-slices-policy.yaml"])
+        .output()
+        .expect("helm template");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut kubectl = std::process::Command::new(eni_testkit::peer("kubectl").expect("kubectl"))
+        .arg(format!("--kubeconfig={}", server.kubeconfig.display()))
+        .args(["apply", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("kubectl");
+    std::io::Write::write_all(&mut kubectl.stdin.take().expect("stdin"), &out.stdout)
+        .expect("write");
+    assert!(
+        kubectl.wait().expect("kubectl").success(),
+        "kubectl apply the policy"
+    );
+
+    let rules = serde_json::json!([
+        {"apiGroups": ["resource.k8s.io"], "resources": ["resourceslices"],
+         "verbs": ["list", "watch", "create", "update", "delete"]},
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]},
+    ]);
+    let client = sa_client(server, &admin, sa, node, rules).await;
+    let foreign = eni_dra::SlicePublisher::new(client.clone(), DEFAULT_DRIVER_NAME, other);
+    // The policy is loaded asynchronously: wait until it refuses another node's slice.
+    let refused = eventually(DEADLINE, || async {
+        match foreign.sync(None, &[]).await {
+            Err(e) if e.to_string().contains("may write only ResourceSlices") => {
+                Some(e.to_string())
+            }
+            Ok(true) => {
+                // Written before the policy was active: take it away again (as admin).
+                eni_dra::SlicePublisher::new(admin.clone(), DEFAULT_DRIVER_NAME, other)
+                    .remove_all()
+                    .await
+                    .expect("admin clean-up");
+                None
+            }
+            _ => None,
+        }
+    })
+    .await
+    .expect("another node's slice refused");
+    assert!(refused.contains(node), "{refused}");
+    // Its own node's slice: created, updated, deleted.
+    let own = eni_dra::SlicePublisher::new(client, DEFAULT_DRIVER_NAME, node);
+    let owner = own.owner().await;
+    assert!(owner.is_some(), "get nodes allowed");
+    assert!(
+        own.sync(owner.as_ref(), &[])
+            .await
+            .expect("create own slice")
+    );
+    let dev = k8s_openapi::api::resource::v1::Device {
+        name: "eni-0ddddddddddddddd1".into(),
+        ..Default::default()
+    };
+    assert!(
+        own.sync(owner.as_ref(), &[dev])
+            .await
+            .expect("update own slice")
+    );
+    own.remove_all().await.expect("delete own slice");
 }
