@@ -29,6 +29,33 @@ pub struct ApiServer {
     dir: tempfile::TempDir,
 }
 
+const DIR_PREFIX: &str = "eni-apiserver-";
+const OWNER_FILE: &str = "owner.pid";
+
+/// Removes the directories (etcd data, certs) of API servers whose test process is gone.
+/// The shared server lives in a static and is never dropped, so its directory outlives
+/// the test binary; the next start cleans it up.
+fn sweep_stale_dirs() {
+    let Ok(rd) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        if !name.to_string_lossy().starts_with(DIR_PREFIX) {
+            continue;
+        }
+        let owner = std::fs::read_to_string(e.path().join(OWNER_FILE))
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok());
+        let Some(pid) = owner else {
+            continue; // not ours to judge (no owner recorded)
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 impl ApiServer {
     /// One API server per test binary, started on first use.
     pub async fn shared() -> Result<&'static ApiServer, Error> {
@@ -40,11 +67,14 @@ impl ApiServer {
     pub async fn start() -> Result<Self, Error> {
         let etcd_bin = peer("etcd")?;
         let apiserver_bin = peer("kube-apiserver")?;
+        sweep_stale_dirs();
         let dir = tempfile::Builder::new()
-            .prefix("eni-apiserver-")
+            .prefix(DIR_PREFIX)
             .tempdir()
             .map_err(io("create a temp dir"))?;
         let d = dir.path();
+        std::fs::write(d.join(OWNER_FILE), std::process::id().to_string())
+            .map_err(io("write the owner pid"))?;
 
         let (client_port, peer_port) = (free_port(), free_port());
         let etcd_url = format!("http://127.0.0.1:{client_port}");
