@@ -151,9 +151,14 @@ impl NodeRuntimeConfig {
         self.lib().join("kubelet/pod-resources/kubelet.sock")
     }
 
-    /// The kubelet's `cgroupRoot`.
+    /// The kubelet's `cgroupRoot`: named after the node's network namespace, which is
+    /// unique on the host (two demos may both have a `node-1`).
     pub fn cgroup_root(&self) -> String {
-        format!("/eni-kubelet-{}", self.node_name)
+        let ns = self.netns.file_name().map_or_else(
+            || self.node_name.clone(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        format!("/eni-kubelet-{ns}")
     }
 
     fn logs(&self) -> PathBuf {
@@ -810,7 +815,7 @@ mod tests {
         let c = cfg(Path::new("/n"));
         let k = kubelet_config(&c);
         assert!(k.contains("port: 12345"), "{k}");
-        assert!(k.contains("cgroupRoot: /eni-kubelet-node-1"), "{k}");
+        assert!(k.contains("cgroupRoot: /eni-kubelet-x"), "{k}");
         assert!(k.contains("failCgroupV1: false"), "{k}");
         let d = containerd_config(&c);
         assert!(d.contains(r#"bin_dir = "/cni/bin""#), "{d}");
