@@ -51,7 +51,7 @@ KUBECTL=$ENI_BIN_DIR/kubectl
 STEP="starting"
 step() {
     STEP="$*"
-    printf '\033[1;34m==>\033[0m %s\n' "$*" >&2
+    printf '\033[1;34m==>\033[0m [%3ds] %s\n' "$SECONDS" "$*" >&2
 }
 say() { [[ $DEMO_QUIET == 1 ]] || printf '%s\n' "$*"; }
 fmt_cmd() { # a command line as a person would type it
