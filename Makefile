@@ -25,6 +25,10 @@ help: ## List the targets.
 demo: peers build ## Run the whole system on this machine (no AWS account, no cluster).
 	@hack/demo.sh
 
+.PHONY: demo-dra
+demo-dra: peers build ## The demo with the DPDK ENIs served through DRA (ResourceSlices, a claim kube-scheduler allocates, prepared by the kubelet, its network data).
+	@hack/demo.sh up --dra
+
 .PHONY: demo-down
 demo-down: ## Stop whatever a demo left running.
 	@hack/demo.sh down

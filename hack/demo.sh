@@ -8,6 +8,10 @@
 #   hack/demo.sh status   print the NodeENIs, attachments, capacity, the pod and interfaces again
 #   hack/demo.sh kubelet-restart NODE   restart NODE's kubelet (containerd and pods keep running)
 #   hack/demo.sh pod NAME                one more pod like the demo's on node-1 (it needs a free DPDK ENI)
+#   hack/demo.sh [up] --dra   the DPDK ENIs through DRA instead of the device plugin:
+#                         ResourceSlices, the node chart's DeviceClass, a claim selecting an
+#                         ENI by CEL that the real kube-scheduler allocates, a pod whose
+#                         kubelet prepares it through eni-manager, and the claim's network data
 #
 # Real binaries: etcd, kube-apiserver, kubectl, moto (EC2), eni-controller, eni-manager
 # (with its device plugin), a real kubelet and containerd + runc per node (hack/testkit's
@@ -25,6 +29,7 @@
 #                 $CARGO_TARGET_DIR/debug)
 #   DEMO_QUIET=1  only the step lines (the end-to-end test uses it)
 #   DEMO_KEEP_ON_FAILURE=1  leave everything running when a step fails, to debug it
+#   DEMO_DRA=1    same as --dra
 
 set -euo pipefail
 # shellcheck source=hack/lib.sh
@@ -34,6 +39,10 @@ DEMO_DIR=${DEMO_DIR:-$REPO_DIR/.demo}
 DEMO_PREFIX=${DEMO_PREFIX:-eni-demo}
 DEMO_BIN_DIR=${DEMO_BIN_DIR:-$CARGO_TARGET_DIR/debug}
 DEMO_QUIET=${DEMO_QUIET:-0}
+DEMO_DRA=${DEMO_DRA:-0}
+DRA_DRIVER=eni.networking.k8s.aws
+DRA_POD=eni-dra-pod
+DRA_CLAIM=eni-dra-claim
 LOGS=$DEMO_DIR/logs
 PIDS=$DEMO_DIR/pids
 PY=$ENI_CACHE_DIR/moto-venv/bin/python
@@ -220,6 +229,11 @@ preflight() {
         [[ -x $b ]] || die "$b missing: run make peers (it installs containerd, runc and busybox-static from Debian)"
     done
     [[ -x $PY ]] || die "moto venv missing ($PY): run make peers"
+    if [[ $DEMO_DRA == 1 ]]; then
+        for b in kube-scheduler helm; do
+            [[ -x $ENI_BIN_DIR/$b ]] || die "$ENI_BIN_DIR/$b missing (needed by --dra): run make peers"
+        done
+    fi
     local help
     for b in eni-controller eni-manager cni-helper eni-kubelet; do
         [[ -x $DEMO_BIN_DIR/$b ]] || die "$DEMO_BIN_DIR/$b missing: run make build (or set DEMO_BIN_DIR)"
@@ -415,15 +429,23 @@ start_node_agents() {
             --sysfs "$d/sys" --dev "$d/dev" --provider-id "aws:///$az/$inst" \
             --containerd-env "CNI_HELPER_CONFIG=$d/cni-helper.json,AWS_EC2_METADATA_DISABLED=true"
     done
+    local dra_flags=()
     for n in "${NODES[@]}"; do
         d=$DEMO_DIR/$n
+        if [[ $DEMO_DRA == 1 ]]; then
+            # The DPDK resource through DRA: the node's ResourceSlice, dra.sock registered in
+            # its kubelet's plugins_registry; the device plugin no longer advertises it.
+            dra_flags=(--dra-resources "$RESOURCE" --dra-plugins-dir "$d/k/lib/kubelet/plugins"
+                --plugins-registry-dir "$d/k/lib/kubelet/plugins_registry" --cdi-dir "$d/cdi")
+        fi
         wait_for 60 "the kubelet and containerd of $n (log: $LOGS/eni-kubelet-$n.log)" test -f "$d/k/ready"
         start "eni-manager-$n" env KUBECONFIG="$DEMO_DIR/kubeconfig" RUST_LOG=info \
             "$DEMO_BIN_DIR/eni-manager" --node-name "$n" --netns "/var/run/netns/$(node_ns "$n")" \
             --sysfs-root "$d/sys" --state-dir "$d/run" --simulate-pci-kernel --enable-unsafe-noiommu-mode \
             --pod-resources-socket "$d/k/lib/kubelet/pod-resources/kubelet.sock" \
             --device-plugin-dir "$d/k/lib/kubelet/device-plugins" --dev-root "$d/dev" \
-            --devinfo-dir "$d/devinfo" --metrics-addr "127.0.0.1:$(free_port)" --resync-period 30s
+            --devinfo-dir "$d/devinfo" --metrics-addr "127.0.0.1:$(free_port)" --resync-period 30s \
+            "${dra_flags[@]}"
     done
     for n in "${NODES[@]}"; do
         wait_for 60 "$n Ready (its kubelet: $DEMO_DIR/$n/k/logs/)" kubelet_ready "$n"
@@ -455,8 +477,16 @@ apply_nodeenis() {
     local n
     for n in "${NODES[@]}"; do
         wait_for 30 "ens6 up with MTU 9001 in $(node_ns "$n")" iface_ready "$(node_ns "$n")" ens6
-        wait_for 30 "capacity $RESOURCE=1 on $n" capacity_is "$n" 1
+        if [[ $DEMO_DRA == 1 ]]; then
+            wait_for 30 "a ResourceSlice with 1 device for $n" slice_devices_is "$n" 1
+        else
+            wait_for 30 "capacity $RESOURCE=1 on $n" capacity_is "$n" 1
+        fi
     done
+}
+
+slice_devices_is() { # slice_devices_is <node> <n>
+    [[ $(kc get resourceslices --field-selector "spec.nodeName=$1" -o json | jq '[.items[].spec.devices // [] | length] | add // 0') == "$2" ]]
 }
 
 print_state() {
@@ -472,6 +502,89 @@ print_state() {
     show "The plain ENI in node-2's namespace: up, MTU 9001" ip -n "$(node_ns node-2)" -d link show ens6
     show "The DPDK ENI's PCI device in node-1's fake sysfs: bound to vfio-pci" \
         readlink "$DEMO_DIR/node-1/sys/bus/pci/devices/0000:00:07.0/driver"
+    if [[ $DEMO_DRA == 1 ]]; then
+        show "ResourceSlices (DRA): one pool per node, one device per DPDK ENI" kc get resourceslices
+        show_as "kubectl get resourceslices --field-selector spec.nodeName=node-1 -o json | jq ..." \
+            "node-1's device and the attributes CEL selectors see" slice_attributes node-1
+    fi
+}
+
+slice_attributes() { # slice_attributes <node>
+    kc get resourceslices --field-selector "spec.nodeName=$1" -o json |
+        jq '.items[].spec.devices[] | {name, attributes: (.attributes | map_values(.string // .int // .bool))}'
+}
+
+dra_pod_scheduled() {
+    [[ -n $(kc get pod -n $POD_NS $DRA_POD -o jsonpath='{.spec.nodeName}') ]]
+}
+
+dra_prepared() { # the claim's status.devices, written by eni-manager at prepare
+    [[ -n $(kc get resourceclaim -n $POD_NS $DRA_CLAIM -o jsonpath='{.status.devices[0].networkData.hardwareAddress}') ]]
+}
+
+dra_pod() {
+    step "10/12 DRA: the node chart's DeviceClass, kube-scheduler, a claim selecting the DPDK ENI by CEL and a pod using it; its kubelet prepares it through eni-manager (logs: $LOGS/kube-scheduler.log $DEMO_DIR/node-*/k/logs/ $LOGS/eni-manager-*.log)"
+    "$ENI_BIN_DIR/helm" template aws-multi-eni-node "$REPO_DIR/charts/aws-multi-eni-node" \
+        --kube-version 1.37.2 --set dra.enabled=true --show-only templates/deviceclass.yaml | kc apply -f - >/dev/null
+    # No node lifecycle controller here lifts the not-ready taint the apiserver put on the
+    # new Nodes; the scheduler would respect it.
+    local n
+    for n in "${NODES[@]}"; do
+        kc patch node "$n" --type merge -p '{"spec":{"taints":null}}' >/dev/null
+    done
+    start kube-scheduler "$ENI_BIN_DIR/kube-scheduler" --kubeconfig "$DEMO_DIR/kubeconfig" \
+        --authentication-kubeconfig "$DEMO_DIR/kubeconfig" --authorization-kubeconfig "$DEMO_DIR/kubeconfig" \
+        --leader-elect=false --bind-address 127.0.0.1 --secure-port "$(free_port)"
+    kc apply -f - >/dev/null <<EOF_DRA
+apiVersion: resource.k8s.io/v1
+kind: ResourceClaim
+metadata:
+  name: $DRA_CLAIM
+  namespace: $POD_NS
+spec:
+  devices:
+    requests:
+      - name: eni
+        exactly:
+          deviceClassName: dpdk.eni.networking.k8s.aws
+          selectors:
+            - cel:
+                expression: >-
+                  device.attributes['$DRA_DRIVER'].nodeENI == 'multus-dpdk' &&
+                  device.attributes['$DRA_DRIVER'].deviceIndex == 2
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: $DRA_POD
+  namespace: $POD_NS
+spec:
+  terminationGracePeriodSeconds: 1
+  resourceClaims:
+    - name: eni
+      resourceClaimName: $DRA_CLAIM
+  containers:
+    - name: app
+      image: $POD_IMAGE
+      imagePullPolicy: Never
+      command: [sleep, "2147483647"]
+      resources:
+        claims:
+          - name: eni
+EOF_DRA
+    wait_for 60 "kube-scheduler to place $DRA_POD (log: $LOGS/kube-scheduler.log)" dra_pod_scheduled
+    local node
+    node=$(kc get pod -n $POD_NS $DRA_POD -o jsonpath='{.spec.nodeName}')
+    wait_for 60 "the kubelet of $node to prepare $DRA_CLAIM through eni-manager (log: $LOGS/eni-manager-$node.log)" dra_prepared
+    show "The DeviceClass (node chart, dra.enabled=true)" kc get deviceclass dpdk.eni.networking.k8s.aws \
+        -o jsonpath='extendedResourceName: {.spec.extendedResourceName}{"\n"}selector: {.spec.selectors[0].cel.expression}{"\n"}'
+    show "The claim, allocated by kube-scheduler" kc get resourceclaim -n $POD_NS $DRA_CLAIM \
+        -o jsonpath='device: {.status.allocation.devices.results[0].device} (pool {.status.allocation.devices.results[0].pool}, driver {.status.allocation.devices.results[0].driver}){"\n"}reserved for: {.status.reservedFor[0].resource}/{.status.reservedFor[0].name}{"\n"}'
+    show "The claim's network data (status.devices, written by eni-manager when $node's kubelet prepared it)" \
+        kc get resourceclaim -n $POD_NS $DRA_CLAIM -o jsonpath='{range .status.devices[*]}{.device}: {.networkData}{"\n"}{end}'
+    show "The CDI spec eni-manager wrote on $node (containerd >= 1.7 injects it; this demo's 1.6 has no CDI)" \
+        sh -c "cat $DEMO_DIR/$node/cdi/$DRA_DRIVER-*.json"
+    show "The pod" kc get pod -n $POD_NS $DRA_POD -o wide
 }
 
 ec2_enis() {
@@ -565,10 +678,16 @@ summary() {
     say "Summary"
     say "  - moto attached 2 ENIs to each of the 2 instances (multus-plain at index 1, multus-dpdk at index 2)"
     say "  - both NodeENIs are Ready; the node daemons brought ens6 up with MTU 9001"
-    say "  - the DPDK ENI (00:07.0) is bound to vfio-pci; the kubelets show $RESOURCE = 1 in capacity"
-    say "  - $POD asked for $RESOURCE: 1; the kubelet called our device plugin's Allocate and"
-    say "    containerd started it with the PCIDEVICE_* environment and /dev/vfio; Multus (run by"
-    say "    containerd) + cni-helper + host-device gave it the ENI at device index 1 as net1"
+    if [[ $DEMO_DRA == 1 ]]; then
+        say "  - the DPDK ENI (00:07.0) is bound to vfio-pci and published in each node's ResourceSlice"
+        say "    (DRA, --dra); kube-scheduler allocated $DRA_CLAIM (CEL on our attributes) for"
+        say "    $DRA_POD; its kubelet prepared it through eni-manager (CDI spec, claim network data)"
+    else
+        say "  - the DPDK ENI (00:07.0) is bound to vfio-pci; the kubelets show $RESOURCE = 1 in capacity"
+        say "  - $POD asked for $RESOURCE: 1; the kubelet called our device plugin's Allocate and"
+        say "    containerd started it with the PCIDEVICE_* environment and /dev/vfio; Multus (run by"
+        say "    containerd) + cni-helper + host-device gave it the ENI at device index 1 as net1"
+    fi
     say ""
     say "Still running, all on 127.0.0.1. Try:"
     say "  export KUBECONFIG=$DEMO_DIR/kubeconfig; alias kubectl=$KUBECTL"
@@ -589,12 +708,23 @@ up() {
     start_node_agents
     apply_nodeenis
     print_state
-    make_pod
-    write_env
-    print_pod
+    if [[ $DEMO_DRA == 1 ]]; then
+        dra_pod
+        write_env
+    else
+        make_pod
+        write_env
+        print_pod
+    fi
     summary
     trap - EXIT
 }
+
+args=()
+for a in "$@"; do
+    if [[ $a == --dra ]]; then DEMO_DRA=1; else args+=("$a"); fi
+done
+set -- "${args[@]+"${args[@]}"}"
 
 case "${1:-up}" in
 up) up ;;
@@ -610,6 +740,6 @@ pod)
     wait_for 60 "pod $name Running (kubectl describe pod $name)" pod_running "$name"
     say "pod $name Running on node-1"
     ;;
--h | --help | help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//' ;;
+-h | --help | help) sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//' ;;
 *) die "unknown command $1 (up, down, status, kubelet-restart NODE, pod NAME)" ;;
 esac
