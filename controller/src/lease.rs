@@ -212,21 +212,35 @@ impl Elector {
         loop {
             tokio::time::sleep(self.timings.retry_period).await;
             let sent = Instant::now();
-            let renewed = match self.api.get(&self.name).await {
-                Ok(lease) => {
-                    let holder = record(&lease).0;
-                    if holder.as_deref() != Some(self.identity.as_str()) {
-                        self.fence.close();
-                        return LeaseError::Lost(format!(
-                            "{}: now held by {}",
-                            self.name,
-                            holder.unwrap_or_default()
-                        ));
+            // A renewal that hangs (a half-open connection) must not keep this loop from
+            // noticing the deadline: each attempt gets at most the renew deadline.
+            let attempt = tokio::time::timeout(self.timings.renew_deadline, async {
+                match self.api.get(&self.name).await {
+                    Ok(lease) => {
+                        let holder = record(&lease).0;
+                        if holder.as_deref() != Some(self.identity.as_str()) {
+                            return Err(holder.unwrap_or_default());
+                        }
+                        Ok(self.write(lease, sent, false).await)
                     }
-                    self.write(lease, sent, false).await
+                    Err(e) => {
+                        warn!(error = %e, "renewing the leader lease");
+                        Ok(false)
+                    }
                 }
-                Err(e) => {
-                    warn!(error = %e, "renewing the leader lease");
+            })
+            .await;
+            let renewed = match attempt {
+                Ok(Ok(renewed)) => renewed,
+                Ok(Err(holder)) => {
+                    self.fence.close();
+                    return LeaseError::Lost(format!("{}: now held by {holder}", self.name));
+                }
+                Err(_) => {
+                    warn!(
+                        timeout = ?self.timings.renew_deadline,
+                        "renewing the leader lease timed out"
+                    );
                     false
                 }
             };
