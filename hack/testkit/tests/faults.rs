@@ -825,3 +825,389 @@ async fn latency_is_added_and_classes_are_counted() -> TestResult {
     );
     Ok(())
 }
+
+/// A VPC and a subnet of its own (`cidr`), so the addresses free in it depend on this
+/// test alone.
+async fn own_subnet(
+    ec2: &Client,
+    vpc_cidr: &str,
+    cidr: &str,
+) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
+    let vpc = ec2.create_vpc().cidr_block(vpc_cidr).send().await?;
+    let vpc = vpc.vpc().and_then(|v| v.vpc_id()).ok_or("no vpc id")?;
+    let subnet = ec2
+        .create_subnet()
+        .vpc_id(vpc)
+        .cidr_block(cidr)
+        .send()
+        .await?;
+    Ok(subnet
+        .subnet()
+        .and_then(|s| s.subnet_id())
+        .ok_or("no subnet id")?
+        .to_string())
+}
+
+/// An instance of `instance_type` in `subnet`.
+async fn instance_in(
+    ec2: &Client,
+    instance_type: InstanceType,
+    subnet: &str,
+) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
+    let out = ec2
+        .run_instances()
+        .image_id("ami-12c6146b")
+        .instance_type(instance_type)
+        .subnet_id(subnet)
+        .min_count(1)
+        .max_count(1)
+        .send()
+        .await?;
+    Ok(out
+        .instances()
+        .first()
+        .and_then(|i| i.instance_id())
+        .ok_or("no instance id")?
+        .to_string())
+}
+
+/// (primary, secondary addresses, prefixes) of an ENI as described.
+async fn addresses_of(
+    ec2: &Client,
+    eni: &str,
+) -> Result<(String, Vec<String>, Vec<String>), Box<dyn std::error::Error + Send + Sync>> {
+    let d = describe_eni(ec2, eni).await?;
+    let mut primary = String::new();
+    let mut secondary = Vec::new();
+    for a in d.private_ip_addresses() {
+        let ip = a.private_ip_address().unwrap_or_default().to_string();
+        if a.primary() == Some(true) {
+            primary = ip;
+        } else {
+            secondary.push(ip);
+        }
+    }
+    let prefixes = d
+        .ipv4_prefixes()
+        .iter()
+        .filter_map(|p| p.ipv4_prefix().map(str::to_string))
+        .collect();
+    Ok((primary, secondary, prefixes))
+}
+
+fn v4(s: &str) -> u32 {
+    u32::from(
+        s.parse::<std::net::Ipv4Addr>()
+            .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
+    )
+}
+
+/// Whether `ip` is one of the five addresses AWS reserves in `subnet_base/len`.
+fn reserved(subnet_base: &str, len: u32, ip: &str) -> bool {
+    let base = v4(subnet_base);
+    let last = base | (u32::MAX >> len);
+    let ip = v4(ip);
+    ip - base < 4 || ip == last
+}
+
+#[tokio::test]
+#[ignore = "integration: needs moto (make test-integration)"]
+async fn secondary_addresses_as_ec2_assigns_them() -> TestResult {
+    let proxy = proxy(FaultConfig::default()).await;
+    let ec2 = ec2(&proxy.endpoint);
+    let subnet = own_subnet(&ec2, "10.61.0.0/16", "10.61.1.0/24").await?;
+    // m5.large: 10 addresses per interface.
+    let instance = instance_in(&ec2, InstanceType::M5Large, &subnet).await?;
+    let eni = create_eni(&ec2, &subnet).await?;
+    attach(&ec2, &eni, &instance, 1).await?;
+    let (primary, before, _) = addresses_of(&ec2, &eni).await?;
+    assert!(before.is_empty());
+
+    // The answer lists only the new addresses, never a reserved one.
+    let out = ec2
+        .assign_private_ip_addresses()
+        .network_interface_id(&eni)
+        .secondary_private_ip_address_count(3)
+        .send()
+        .await?;
+    let mut got: Vec<String> = out
+        .assigned_private_ip_addresses()
+        .iter()
+        .filter_map(|a| a.private_ip_address().map(str::to_string))
+        .collect();
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert!(!got.contains(&primary));
+    assert!(got.iter().all(|a| !reserved("10.61.1.0", 24, a)), "{got:?}");
+    let (_, mut now, _) = addresses_of(&ec2, &eni).await?;
+    got.sort();
+    now.sort();
+    assert_eq!(got, now);
+
+    // Primary + 3 + 7 = 11 > 10: refused as a whole.
+    let r = ec2
+        .assign_private_ip_addresses()
+        .network_interface_id(&eni)
+        .secondary_private_ip_address_count(7)
+        .send()
+        .await;
+    let (code, status, _) = failure(&r).ok_or("over the limit accepted")?;
+    assert_eq!(
+        (code.as_str(), status),
+        ("PrivateIpAddressLimitExceeded", 400)
+    );
+    assert_eq!(addresses_of(&ec2, &eni).await?.1.len(), 3);
+    // Exactly to the limit is fine.
+    ec2.assign_private_ip_addresses()
+        .network_interface_id(&eni)
+        .secondary_private_ip_address_count(6)
+        .send()
+        .await?;
+    assert_eq!(addresses_of(&ec2, &eni).await?.1.len(), 9);
+
+    // Explicit reserved address, addresses and prefixes mixed: refused.
+    let r = ec2
+        .assign_private_ip_addresses()
+        .network_interface_id(&eni)
+        .private_ip_addresses("10.61.1.1")
+        .send()
+        .await;
+    assert_eq!(
+        failure(&r).map(|f| f.0).as_deref(),
+        Some("InvalidParameterValue")
+    );
+    let r = ec2
+        .assign_private_ip_addresses()
+        .network_interface_id(&eni)
+        .secondary_private_ip_address_count(1)
+        .ipv4_prefix_count(1)
+        .send()
+        .await;
+    assert_eq!(
+        failure(&r).map(|f| f.0).as_deref(),
+        Some("InvalidParameterCombination")
+    );
+
+    // Unassign: never the primary, only addresses the ENI has; all or nothing.
+    let r = ec2
+        .unassign_private_ip_addresses()
+        .network_interface_id(&eni)
+        .private_ip_addresses(&primary)
+        .send()
+        .await;
+    assert_eq!(
+        failure(&r).map(|f| f.0).as_deref(),
+        Some("InvalidParameterValue")
+    );
+    let r = ec2
+        .unassign_private_ip_addresses()
+        .network_interface_id(&eni)
+        .private_ip_addresses(&got[0])
+        .private_ip_addresses("10.61.1.250")
+        .send()
+        .await;
+    assert_eq!(
+        failure(&r).map(|f| f.0).as_deref(),
+        Some("InvalidParameterValue")
+    );
+    assert_eq!(addresses_of(&ec2, &eni).await?.1.len(), 9);
+    ec2.unassign_private_ip_addresses()
+        .network_interface_id(&eni)
+        .private_ip_addresses(&got[0])
+        .private_ip_addresses(&got[1])
+        .send()
+        .await?;
+    let (_, left, _) = addresses_of(&ec2, &eni).await?;
+    assert_eq!(left.len(), 7);
+    assert!(!left.contains(&got[0]) && !left.contains(&got[1]));
+
+    let stats = proxy.stats().action("AssignPrivateIpAddresses");
+    assert_eq!(stats.forwarded, 2);
+    assert_eq!(stats.rejected, 3);
+    Ok(())
+}
+
+#[tokio::test]
+#[ignore = "integration: needs moto (make test-integration)"]
+async fn a_full_subnet_hands_out_no_reserved_address() -> TestResult {
+    let proxy = proxy(FaultConfig::default()).await;
+    let ec2 = ec2(&proxy.endpoint);
+    // 16 addresses, 5 reserved, one the ENI's primary (moto may pick a reserved one).
+    let subnet = own_subnet(&ec2, "10.62.0.0/16", "10.62.7.0/28").await?;
+    let eni = create_eni(&ec2, &subnet).await?;
+    let (primary, _, _) = addresses_of(&ec2, &eni).await?;
+    let free = if reserved("10.62.7.0", 28, &primary) {
+        11
+    } else {
+        10
+    };
+    // Not attached: no per-interface limit.
+    let out = ec2
+        .assign_private_ip_addresses()
+        .network_interface_id(&eni)
+        .secondary_private_ip_address_count(free)
+        .send()
+        .await?;
+    let got: Vec<&str> = out
+        .assigned_private_ip_addresses()
+        .iter()
+        .filter_map(|a| a.private_ip_address())
+        .collect();
+    assert_eq!(got.len(), free as usize);
+    assert!(got.iter().all(|a| !reserved("10.62.7.0", 28, a)), "{got:?}");
+    let r = ec2
+        .assign_private_ip_addresses()
+        .network_interface_id(&eni)
+        .secondary_private_ip_address_count(1)
+        .send()
+        .await;
+    assert_eq!(
+        failure(&r).map(|f| f.0).as_deref(),
+        Some("InsufficientFreeAddressesInSubnet")
+    );
+    Ok(())
+}
+
+#[tokio::test]
+#[ignore = "integration: needs moto (make test-integration)"]
+async fn prefixes_on_nitro_only_and_described() -> TestResult {
+    let proxy = proxy(FaultConfig::default()).await;
+    let ec2 = ec2(&proxy.endpoint);
+    let subnet = own_subnet(&ec2, "10.63.0.0/16", "10.63.2.0/24").await?;
+    let nitro = instance_in(&ec2, InstanceType::M5Large, &subnet).await?;
+    let xen = instance_in(&ec2, InstanceType::T2Medium, &subnet).await?;
+    // Every ENI up front: moto picks their primary addresses itself, knowing nothing of
+    // prefixes (not modelled, see faults::ipam).
+    let a = create_eni(&ec2, &subnet).await?;
+    let b = create_eni(&ec2, &subnet).await?;
+    let c = create_eni(&ec2, &subnet).await?;
+    let other = create_eni(&ec2, &subnet).await?;
+    attach(&ec2, &a, &nitro, 1).await?;
+    attach(&ec2, &b, &xen, 1).await?;
+
+    let out = ec2
+        .assign_private_ip_addresses()
+        .network_interface_id(&a)
+        .ipv4_prefix_count(2)
+        .send()
+        .await?;
+    assert!(out.assigned_private_ip_addresses().is_empty());
+    let prefixes: Vec<String> = out
+        .assigned_ipv4_prefixes()
+        .iter()
+        .filter_map(|p| p.ipv4_prefix().map(str::to_string))
+        .collect();
+    assert_eq!(prefixes.len(), 2, "{prefixes:?}");
+    // Every address a prefix covers is free: no reserved one, no ENI's address.
+    let mut used = Vec::new();
+    let all = ec2
+        .describe_network_interfaces()
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name("subnet-id")
+                .values(&subnet)
+                .build(),
+        )
+        .send()
+        .await?;
+    for n in all.network_interfaces() {
+        for ip in n.private_ip_addresses() {
+            used.push(v4(ip.private_ip_address().unwrap_or_default()));
+        }
+    }
+    for p in &prefixes {
+        let (base, len) = p.split_once('/').ok_or("prefix")?;
+        assert_eq!(len, "28");
+        let base = v4(base);
+        assert_eq!(base % 16, 0, "{p} aligned");
+        for ip in base..base + 16 {
+            let dotted = std::net::Ipv4Addr::from(ip).to_string();
+            assert!(!reserved("10.63.2.0", 24, &dotted), "{p} covers {dotted}");
+            assert!(!used.contains(&ip), "{p} covers a used {dotted}");
+        }
+    }
+    let (_, _, described) = addresses_of(&ec2, &a).await?;
+    assert_eq!(described, prefixes);
+
+    // Each prefix counts one toward m5.large's 10: primary + 2 + 8 = 11.
+    let r = ec2
+        .assign_private_ip_addresses()
+        .network_interface_id(&a)
+        .ipv4_prefix_count(8)
+        .send()
+        .await;
+    assert_eq!(
+        failure(&r).map(|f| f.0).as_deref(),
+        Some("PrivateIpAddressLimitExceeded")
+    );
+    // Addresses by count never land inside a prefix.
+    let out = ec2
+        .assign_private_ip_addresses()
+        .network_interface_id(&other)
+        .secondary_private_ip_address_count(40)
+        .send()
+        .await?;
+    for ip in out.assigned_private_ip_addresses() {
+        let ip = v4(ip.private_ip_address().unwrap_or_default());
+        for p in &prefixes {
+            let base = v4(p.split_once('/').map(|(b, _)| b).unwrap_or_default());
+            assert!(!(base..base + 16).contains(&ip), "address inside {p}");
+        }
+    }
+
+    // Not on Xen.
+    let r = ec2
+        .assign_private_ip_addresses()
+        .network_interface_id(&b)
+        .ipv4_prefix_count(1)
+        .send()
+        .await;
+    assert_eq!(
+        failure(&r).map(|f| f.0).as_deref(),
+        Some("InvalidParameterValue")
+    );
+
+    // Unassign a prefix; an unknown one is refused.
+    let r = ec2
+        .unassign_private_ip_addresses()
+        .network_interface_id(&a)
+        .ipv4_prefixes("10.63.2.240/28")
+        .send()
+        .await;
+    assert_eq!(
+        failure(&r).map(|f| f.0).as_deref(),
+        Some("InvalidParameterValue")
+    );
+    ec2.unassign_private_ip_addresses()
+        .network_interface_id(&a)
+        .ipv4_prefixes(&prefixes[0])
+        .send()
+        .await?;
+    assert_eq!(addresses_of(&ec2, &a).await?.2, prefixes[1..].to_vec());
+
+    // The freed prefix can be assigned again, explicitly, to another ENI.
+    attach(&ec2, &c, &nitro, 2).await?;
+    let out = ec2
+        .assign_private_ip_addresses()
+        .network_interface_id(&c)
+        .ipv4_prefixes(&prefixes[0])
+        .send()
+        .await?;
+    assert_eq!(
+        out.assigned_ipv4_prefixes()
+            .first()
+            .and_then(|p| p.ipv4_prefix()),
+        Some(prefixes[0].as_str())
+    );
+    // A prefix held by another ENI is not available.
+    let r = ec2
+        .assign_private_ip_addresses()
+        .network_interface_id(&a)
+        .ipv4_prefixes(&prefixes[0])
+        .send()
+        .await;
+    assert_eq!(
+        failure(&r).map(|f| f.0).as_deref(),
+        Some("InvalidParameterValue")
+    );
+    Ok(())
+}

@@ -35,6 +35,10 @@ pub struct FaultConfig {
     /// Honour `MaxResults` / `NextToken` of `DescribeNetworkInterfaces` (moto returns
     /// everything in one page).
     pub paginate_describes: bool,
+    /// `AssignPrivateIpAddresses` / `UnassignPrivateIpAddresses` as real EC2 does them:
+    /// prefixes, `Ipv4AddressesPerInterface`, reserved addresses, the answer shape (the
+    /// rules are listed in [`super::ipam`]).
+    pub emulate_ip_assignment: bool,
     /// Report `attaching` for this long after a successful attach (0: off).
     pub attach_delay_ms: u64,
     /// Report `detaching` (attachment still present, ENI `in-use`) in
@@ -63,6 +67,7 @@ impl Default for FaultConfig {
             sticky_delete_on_termination: true,
             emulate_describe_filters: true,
             paginate_describes: true,
+            emulate_ip_assignment: true,
             attach_delay_ms: 0,
             detach_delay_ms: 0,
             hang_detaches: false,
@@ -87,6 +92,7 @@ impl FaultConfig {
             sticky_delete_on_termination: false,
             emulate_describe_filters: false,
             paginate_describes: false,
+            emulate_ip_assignment: false,
             ..Self::default()
         }
     }

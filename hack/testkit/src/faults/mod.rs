@@ -10,6 +10,10 @@
 //! * sticky `Attachment.DeleteOnTermination` (rewritten into describe responses);
 //! * optional `attaching` / `detaching` windows, and hung detaches that only a forced
 //!   detach ends;
+//! * `AssignPrivateIpAddresses` / `UnassignPrivateIpAddresses` as EC2 does them: /28
+//!   prefixes (Nitro only), the instance type's `Ipv4AddressesPerInterface`, reserved
+//!   subnet addresses never handed out, answers listing only what was assigned (rules in
+//!   [`ipam`]);
 //! * injected 5xx (`error_rate`) and per-action [`FailureRule`]s;
 //! * counters ([`Stats`], also per ENI) and run-time control over HTTP:
 //!   `GET /_faults/stats`, `GET|POST /_faults/config` (JSON merge patch of
@@ -23,10 +27,11 @@
 pub mod bucket;
 pub mod config;
 pub mod describe;
+pub mod ipam;
 mod stats;
 pub mod xml;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -266,6 +271,28 @@ struct Limits {
     max_interfaces: u64,
     /// network card index -> max interfaces on it.
     cards: HashMap<String, u64>,
+    /// `Ipv4AddressesPerInterface` (primary, secondary addresses and prefixes count one each).
+    ipv4_per_interface: Option<u64>,
+    /// `hypervisor` is `nitro`: /28 prefixes are allowed.
+    nitro: bool,
+}
+
+/// An ENI's addresses as moto lists them.
+#[derive(Debug)]
+struct EniAddresses {
+    subnet: String,
+    primary: u32,
+    /// Secondary addresses (the primary excluded).
+    secondary: BTreeSet<u32>,
+    /// The instance it is attached to.
+    instance: Option<String>,
+}
+
+/// The /28 prefixes the fault layer assigned to one ENI (moto has none).
+#[derive(Debug, Clone, Default)]
+struct EniPrefixes {
+    subnet: String,
+    prefixes: Vec<ipam::Cidr>,
 }
 
 #[derive(Debug, Default)]
@@ -282,6 +309,8 @@ struct State {
     /// attachment id -> ENI, learned from successful attaches (a detach names only the
     /// attachment; per-ENI counters need the ENI).
     attachment_owner: HashMap<String, String>,
+    /// ENI id -> its prefixes.
+    prefixes: HashMap<String, EniPrefixes>,
 }
 
 impl State {
@@ -594,6 +623,8 @@ impl Shared {
             "DeleteNetworkInterface" => ctx.delete().await,
             "CreateNetworkInterface" => ctx.create().await,
             "ModifyNetworkInterfaceAttribute" => ctx.modify().await,
+            "AssignPrivateIpAddresses" if config.emulate_ip_assignment => ctx.assign().await,
+            "UnassignPrivateIpAddresses" if config.emulate_ip_assignment => ctx.unassign().await,
             _ => ctx.plain().await,
         };
         match result {
@@ -839,6 +870,7 @@ impl Shared {
         if state.delete_on_termination.is_empty()
             && state.attaching.is_empty()
             && state.detaching.is_empty()
+            && state.prefixes.is_empty()
         {
             return body.clone();
         }
@@ -855,6 +887,14 @@ impl Shared {
         if action == "DescribeNetworkInterfaces" {
             for set in root.find_all("networkInterfaceSet") {
                 for item in &set.children {
+                    if let Some(p) = item
+                        .child_text("networkInterfaceId")
+                        .and_then(|id| state.prefixes.get(id))
+                        .filter(|p| !p.prefixes.is_empty())
+                        && item.child("ipv4PrefixSet").is_none()
+                    {
+                        edits.insert(item.inner.end, ipam::prefix_set_xml(&p.prefixes));
+                    }
                     let Some(d) = item
                         .child_text("networkInterfaceId")
                         .and_then(|id| state.detaching.get(id))
@@ -1238,7 +1278,13 @@ impl Call<'_> {
         } else {
             None
         };
-        self.plain().await
+        let answer = self.plain().await?;
+        if let Answer::Upstream(up) = &answer
+            && up.status.is_success()
+        {
+            lock(&self.shared.state).prefixes.remove(eni);
+        }
+        Ok(answer)
     }
 
     async fn create(&self) -> Result<Answer, Reject> {
@@ -1274,6 +1320,394 @@ impl Call<'_> {
         Ok(answer)
     }
 
+    /// What moto knows about one ENI's addresses. `Ok(None)`: moto does not know it (let
+    /// moto answer).
+    async fn eni_addresses(&self, eni: &str) -> Result<Option<EniAddresses>, Reject> {
+        let root = match self
+            .shared
+            .query(
+                self.auth,
+                &[
+                    ("Action", "DescribeNetworkInterfaces"),
+                    ("NetworkInterfaceId.1", eni),
+                ],
+            )
+            .await
+        {
+            Ok(r) => r,
+            Err(_) => return Ok(None),
+        };
+        for set in root.find_all("networkInterfaceSet") {
+            for item in &set.children {
+                if item.child_text("networkInterfaceId") != Some(eni) {
+                    continue;
+                }
+                let subnet = item.child_text("subnetId").unwrap_or_default().to_string();
+                let mut primary = item.child_text("privateIpAddress").and_then(ipam::ip);
+                let mut secondary = BTreeSet::new();
+                if let Some(addrs) = item.child("privateIpAddressesSet") {
+                    for a in &addrs.children {
+                        let Some(ip) = a.child_text("privateIpAddress").and_then(ipam::ip) else {
+                            continue;
+                        };
+                        if a.child_text("primary") == Some("true") {
+                            primary = Some(ip);
+                        } else {
+                            secondary.insert(ip);
+                        }
+                    }
+                }
+                if let Some(p) = primary {
+                    secondary.remove(&p);
+                }
+                let instance = item
+                    .child("attachment")
+                    .filter(|a| a.child_text("status") != Some("detached"))
+                    .and_then(|a| a.child_text("instanceId"))
+                    .filter(|i| !i.is_empty())
+                    .map(str::to_string);
+                return Ok(Some(EniAddresses {
+                    subnet,
+                    primary: primary.unwrap_or_default(),
+                    secondary,
+                    instance,
+                }));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The subnet's CIDR and everything taken in it (moto's addresses, our prefixes).
+    async fn subnet_taken(&self, subnet: &str) -> Result<(ipam::Cidr, ipam::Taken), Reject> {
+        let root = self
+            .shared
+            .query(
+                self.auth,
+                &[("Action", "DescribeSubnets"), ("SubnetId.1", subnet)],
+            )
+            .await
+            .map_err(Reject::Unreachable)?;
+        let cidr = root
+            .find_text("cidrBlock")
+            .and_then(ipam::Cidr::parse)
+            .ok_or_else(|| {
+                Reject::Unreachable(Ec2Error::bad_request(
+                    "InternalError",
+                    format!("no CIDR block for {subnet}"),
+                ))
+            })?;
+        let root = self
+            .shared
+            .query(
+                self.auth,
+                &[
+                    ("Action", "DescribeNetworkInterfaces"),
+                    ("Filter.1.Name", "subnet-id"),
+                    ("Filter.1.Value.1", subnet),
+                ],
+            )
+            .await
+            .map_err(Reject::Unreachable)?;
+        let mut taken = ipam::Taken::default();
+        for a in root.find_all("privateIpAddress") {
+            if let Some(ip) = ipam::ip(&a.text) {
+                taken.addresses.insert(ip);
+            }
+        }
+        for p in lock(&self.shared.state).prefixes.values() {
+            if p.subnet == subnet {
+                taken.prefixes.extend(p.prefixes.iter().copied());
+            }
+        }
+        Ok((cidr, taken))
+    }
+
+    /// The form body of `action` on `eni` with explicit `PrivateIpAddress.N`.
+    fn address_form(
+        &self,
+        action: &str,
+        eni: &str,
+        addresses: impl Iterator<Item = String>,
+    ) -> Bytes {
+        let mut body = form_urlencoded::Serializer::new(String::new());
+        body.append_pair("Action", action)
+            .append_pair(
+                "Version",
+                self.params.get("Version").unwrap_or("2016-11-15"),
+            )
+            .append_pair("NetworkInterfaceId", eni);
+        for (i, a) in addresses.enumerate() {
+            body.append_pair(&format!("PrivateIpAddress.{}", i + 1), &a);
+        }
+        Bytes::from(body.finish())
+    }
+
+    /// `AssignPrivateIpAddresses` as real EC2 does it (rules 1-6 of [`ipam`]).
+    async fn assign(&self) -> Result<Answer, Reject> {
+        let Some(eni) = self.params.get("NetworkInterfaceId") else {
+            return self.plain().await;
+        };
+        let bad = |code: &str, m: String| Err(Reject::Ec2(Ec2Error::bad_request(code, m)));
+        let count_param = |name: &str| -> Result<usize, Reject> {
+            match self.params.get(name) {
+                None => Ok(0),
+                Some(v) => v.trim().parse().map_err(|_| {
+                    Reject::Ec2(Ec2Error::bad_request(
+                        "InvalidParameterValue",
+                        format!("Invalid value '{v}' for {name}"),
+                    ))
+                }),
+            }
+        };
+        let count = count_param("SecondaryPrivateIpAddressCount")?;
+        let prefix_count = count_param("Ipv4PrefixCount")?;
+        let explicit = ipam::indexed(self.params, "PrivateIpAddress");
+        let explicit_prefixes = ipam::indexed(self.params, "Ipv4Prefix");
+        let wants_addresses = count > 0 || !explicit.is_empty();
+        let wants_prefixes = prefix_count > 0 || !explicit_prefixes.is_empty();
+        if wants_addresses && wants_prefixes {
+            return bad(
+                "InvalidParameterCombination",
+                "Private IP addresses and IPv4 prefixes cannot be assigned in one request".into(),
+            );
+        }
+        if (count > 0 && !explicit.is_empty())
+            || (prefix_count > 0 && !explicit_prefixes.is_empty())
+        {
+            return bad(
+                "InvalidParameterCombination",
+                "Specify either a count or explicit values, not both".into(),
+            );
+        }
+        let _eni_guard = self.shared.locks.lock(format!("eni/{eni}")).await;
+        let Some(EniAddresses {
+            subnet,
+            secondary,
+            instance,
+            ..
+        }) = self.eni_addresses(eni).await?
+        else {
+            return self.plain().await;
+        };
+        let _subnet_guard = self.shared.locks.lock(format!("subnet/{subnet}")).await;
+        let (cidr, taken) = self.subnet_taken(&subnet).await?;
+        let own_prefixes = lock(&self.shared.state)
+            .prefixes
+            .get(eni)
+            .map(|p| p.prefixes.len())
+            .unwrap_or(0);
+
+        // Choose what to assign.
+        let mut addresses = Vec::new();
+        let mut prefixes = Vec::new();
+        if count > 0 {
+            addresses = match ipam::free_addresses(cidr, &taken, count) {
+                Some(a) => a,
+                None => {
+                    return bad(
+                        "InsufficientFreeAddressesInSubnet",
+                        format!(
+                            "The specified subnet {subnet} does not have enough free addresses to satisfy the request."
+                        ),
+                    );
+                }
+            };
+        }
+        for a in &explicit {
+            let Some(ip) = ipam::ip(a).filter(|ip| cidr.contains(*ip)) else {
+                return bad(
+                    "InvalidParameterValue",
+                    format!("Address {a} is not in the subnet {subnet} ({cidr})"),
+                );
+            };
+            if cidr.is_reserved(ip) {
+                return bad(
+                    "InvalidParameterValue",
+                    format!("Address {a} is reserved in subnet {subnet} ({cidr})"),
+                );
+            }
+            if taken.covers(ip) || addresses.contains(&ip) {
+                return bad("PrivateIpAddressInUse", format!("Address {a} is in use."));
+            }
+            addresses.push(ip);
+        }
+        if prefix_count > 0 {
+            prefixes = match ipam::free_prefixes(cidr, &taken, prefix_count) {
+                Some(p) => p,
+                None => {
+                    return bad(
+                        "InsufficientCidrBlocks",
+                        format!(
+                            "The specified subnet {subnet} does not have enough contiguous free space for the requested prefixes."
+                        ),
+                    );
+                }
+            };
+        }
+        for p in &explicit_prefixes {
+            let Some(c) = ipam::Cidr::parse(p).filter(|c| c.to_string() == p.trim()) else {
+                return bad("InvalidParameterValue", format!("Invalid prefix {p}"));
+            };
+            if !ipam::prefix_is_free(cidr, &taken, c) || prefixes.contains(&c) {
+                return bad(
+                    "InvalidParameterValue",
+                    format!("Prefix {p} is not available in subnet {subnet} ({cidr})"),
+                );
+            }
+            prefixes.push(c);
+        }
+
+        // Instance-type checks: prefixes need Nitro; Ipv4AddressesPerInterface.
+        if let Some(instance) = instance.as_deref() {
+            let (instance_type, limits) = match self.limits(instance).await {
+                Ok(l) => l,
+                Err(Reject::Ec2(e)) => return Err(Reject::Ec2(e)),
+                Err(Reject::Unreachable(e)) => {
+                    tracing::debug!(code = %e.code, message = %e.message, "assign limit check skipped");
+                    (
+                        String::new(),
+                        Limits {
+                            max_interfaces: 0,
+                            cards: HashMap::new(),
+                            ipv4_per_interface: None,
+                            nitro: true,
+                        },
+                    )
+                }
+            };
+            if !prefixes.is_empty() && !limits.nitro {
+                return bad(
+                    "InvalidParameterValue",
+                    format!(
+                        "IPv4 prefixes are only supported on Nitro instance types; {instance} is {instance_type}"
+                    ),
+                );
+            }
+            if let Some(max) = limits.ipv4_per_interface {
+                let after = 1 + secondary.len() + own_prefixes + addresses.len() + prefixes.len();
+                if after as u64 > max {
+                    return bad(
+                        "PrivateIpAddressLimitExceeded",
+                        format!(
+                            "Number of private addresses will exceed limit: {after} > {max} for {instance_type} on {eni}"
+                        ),
+                    );
+                }
+            }
+        }
+
+        // Addresses go to moto as explicit addresses; prefixes stay here.
+        if !addresses.is_empty() {
+            let body = self.address_form(
+                "AssignPrivateIpAddresses",
+                eni,
+                addresses
+                    .iter()
+                    .map(|a| std::net::Ipv4Addr::from(*a).to_string()),
+            );
+            let up = self
+                .shared
+                .forward(self.parts, body)
+                .await
+                .map_err(Reject::Unreachable)?;
+            if !up.status.is_success() {
+                return Ok(Answer::Upstream(up));
+            }
+        }
+        if !prefixes.is_empty() {
+            let mut state = lock(&self.shared.state);
+            let entry = state.prefixes.entry(eni.to_string()).or_default();
+            entry.subnet = subnet.clone();
+            entry.prefixes.extend(prefixes.iter().copied());
+        }
+        Ok(Answer::Upstream(synthesized(ipam::assign_response(
+            &request_id(),
+            eni,
+            &addresses,
+            &prefixes,
+        ))))
+    }
+
+    /// `UnassignPrivateIpAddresses` as real EC2 does it (rules 7, 3 of [`ipam`]).
+    async fn unassign(&self) -> Result<Answer, Reject> {
+        let Some(eni) = self.params.get("NetworkInterfaceId") else {
+            return self.plain().await;
+        };
+        let bad = |m: String| {
+            Err(Reject::Ec2(Ec2Error::bad_request(
+                "InvalidParameterValue",
+                m,
+            )))
+        };
+        let addresses = ipam::indexed(self.params, "PrivateIpAddress");
+        let prefixes = ipam::indexed(self.params, "Ipv4Prefix");
+        let _eni_guard = self.shared.locks.lock(format!("eni/{eni}")).await;
+        let Some(EniAddresses {
+            primary, secondary, ..
+        }) = self.eni_addresses(eni).await?
+        else {
+            return self.plain().await;
+        };
+        for a in &addresses {
+            match ipam::ip(a) {
+                Some(ip) if ip == primary => {
+                    return bad(format!(
+                        "The primary private IP address {a} of {eni} cannot be unassigned"
+                    ));
+                }
+                Some(ip) if secondary.contains(&ip) => {}
+                _ => {
+                    return bad(format!(
+                        "Some of the specified addresses are not assigned to interface {eni}: {a}"
+                    ));
+                }
+            }
+        }
+        let mut drop = Vec::new();
+        {
+            let state = lock(&self.shared.state);
+            let own = state
+                .prefixes
+                .get(eni)
+                .map(|p| p.prefixes.as_slice())
+                .unwrap_or(&[]);
+            for p in &prefixes {
+                match ipam::Cidr::parse(p).filter(|c| own.contains(c)) {
+                    Some(c) => drop.push(c),
+                    None => {
+                        return bad(format!(
+                            "Some of the specified prefixes are not assigned to interface {eni}: {p}"
+                        ));
+                    }
+                }
+            }
+        }
+        if !addresses.is_empty() {
+            let body =
+                self.address_form("UnassignPrivateIpAddresses", eni, addresses.iter().cloned());
+            let up = self
+                .shared
+                .forward(self.parts, body)
+                .await
+                .map_err(Reject::Unreachable)?;
+            if !up.status.is_success() {
+                return Ok(Answer::Upstream(up));
+            }
+        }
+        if !drop.is_empty() {
+            let mut state = lock(&self.shared.state);
+            if let Some(entry) = state.prefixes.get_mut(eni) {
+                entry.prefixes.retain(|p| !drop.contains(p));
+                if entry.prefixes.is_empty() {
+                    state.prefixes.remove(eni);
+                }
+            }
+        }
+        Ok(Answer::Upstream(synthesized(ipam::unassign_response(
+            &request_id(),
+        ))))
+    }
+
     async fn modify(&self) -> Result<Answer, Reject> {
         let answer = self.plain().await?;
         if let Answer::Upstream(up) = &answer
@@ -1296,6 +1730,17 @@ impl Call<'_> {
                 .insert(id.to_string(), dot);
         }
         Ok(answer)
+    }
+}
+
+/// A successful answer the fault layer writes itself.
+fn synthesized(body: String) -> Upstream {
+    let mut headers = HeaderMap::new();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/xml"));
+    Upstream {
+        status: StatusCode::OK,
+        headers,
+        body: Bytes::from(body),
     }
 }
 
@@ -1365,9 +1810,15 @@ fn parse_limits(root: &Element) -> Option<Limits> {
             }
         }
     }
+    let ipv4_per_interface = info
+        .child_text("ipv4AddressesPerInterface")
+        .and_then(|v| v.parse().ok());
+    let nitro = root.find_text("hypervisor") == Some("nitro");
     Some(Limits {
         max_interfaces,
         cards,
+        ipv4_per_interface,
+        nitro,
     })
 }
 
