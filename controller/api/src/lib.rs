@@ -15,11 +15,13 @@ mod status;
 
 pub use crd::{crd, crd_yaml};
 pub use spec::{
-    DEFAULT_DEVICE_INDEX, DEFAULT_DPDK_DRIVER, DEFAULT_DPDK_RESOURCE_NAME, DPDK_DRIVERS,
-    MAX_DEVICE_INDEX, MAX_MTU, MIN_MTU, NodeENI, NodeENISpec,
+    DEFAULT_DEVICE_INDEX, DEFAULT_DPDK_DRIVER, DEFAULT_DPDK_RESOURCE_NAME,
+    DEFAULT_IPAM_WARM_TARGET, DPDK_DRIVERS, IpamMode, IpamSpec, MAX_DEVICE_INDEX,
+    MAX_IPAM_ADDRESSES, MAX_MTU, MIN_MTU, NodeENI, NodeENISpec, PREFIX_ADDRESSES,
 };
 pub use status::{
-    AttachmentStatus, ENIAttachment, InterfaceReport, NodeENIStatus, NodeReport, condition,
+    AttachmentStatus, ENIAttachment, EniPool, InterfaceIpam, InterfaceReport, NodeENIStatus,
+    NodeReport, condition,
 };
 
 /// API group of the `NodeENI` resource.

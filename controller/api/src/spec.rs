@@ -24,6 +24,13 @@ pub const DEFAULT_DPDK_DRIVER: &str = "vfio-pci";
 pub const DEFAULT_DPDK_RESOURCE_NAME: &str = "intel.com/intel_sriov_netdevice";
 /// Userspace-I/O drivers a DPDK ENI may be bound to.
 pub const DPDK_DRIVERS: [&str; 3] = ["vfio-pci", "uio_pci_generic", "igb_uio"];
+/// Free pod addresses per ENI the controller aims for when `ipam.warmTarget` is not set.
+pub const DEFAULT_IPAM_WARM_TARGET: i32 = 8;
+/// Largest `ipam.warmTarget`, `ipam.minimum` and `ipam.maximumPerENI` accepted (no instance
+/// type has more than 50 addresses or 49 /28 prefixes on an ENI: 49 x 16 = 784).
+pub const MAX_IPAM_ADDRESSES: i32 = 1024;
+/// Addresses in one /28 prefix.
+pub const PREFIX_ADDRESSES: i32 = 16;
 
 /// Attach secondary ENIs to every Node matching a label selector.
 ///
@@ -109,6 +116,11 @@ pub const DPDK_DRIVERS: [&str; 3] = ["vfio-pci", "uio_pci_generic", "igb_uio"];
         "rule": "!has(self.dpdkEnabled) || !has(self.enableDPDK) || self.dpdkEnabled == self.enableDPDK",
         "message": "dpdkEnabled and enableDPDK are two spellings of one setting and must agree",
         "fieldPath": ".enableDPDK"
+    },
+    {
+        "rule": "!has(self.ipam) || !((has(self.dpdkEnabled) && self.dpdkEnabled) || (has(self.enableDPDK) && self.enableDPDK))",
+        "message": "ipam needs the ENI's netdev (ipvlan or host-device on it): it cannot be combined with DPDK",
+        "fieldPath": ".ipam"
     },
     {
         "rule": "(has(self.deviceIndex) ? self.deviceIndex : 1) + (has(self.subnetID) ? 1 : 0) + (has(self.subnetIDs) ? size(self.subnetIDs) : 0) + (has(self.subnetName) ? 1 : 0) + (has(self.subnetNames) ? size(self.subnetNames) : 0) <= 64",
@@ -221,6 +233,108 @@ pub struct NodeENISpec {
     )]
     #[schemars(regex(pattern = r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$"))]
     pub dpdk_pci_address: Option<String>,
+
+    /// Pod addresses from the VPC: the controller keeps a warm pool of secondary IPv4
+    /// addresses (or /28 prefixes) assigned to each ENI and cni-helper hands them to pods
+    /// (the `ipam` of an ipvlan or host-device NetworkAttachmentDefinition) without an EC2
+    /// call on the pod's path. Absent: no addresses are assigned (as before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipam: Option<IpamSpec>,
+}
+
+/// How pod addresses are assigned to the ENI in EC2.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum IpamMode {
+    /// Secondary private IPv4 addresses, one at a time (every instance type).
+    #[default]
+    #[serde(rename = "secondaryIPs")]
+    SecondaryIps,
+    /// /28 IPv4 prefixes, 16 addresses each (Nitro instance types only; others fall back
+    /// to secondary addresses with the `IPAM` condition saying so).
+    #[serde(rename = "prefixes")]
+    Prefixes,
+}
+
+impl IpamMode {
+    /// The value as written to the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SecondaryIps => "secondaryIPs",
+            Self::Prefixes => "prefixes",
+        }
+    }
+}
+
+/// The warm pool of pod addresses on each ENI of this NodeENI.
+///
+/// Per ENI, the controller keeps the number of free (assigned in EC2, not used by a pod)
+/// addresses between `minimum` and `warmTarget`: below `minimum` it assigns up to
+/// `warmTarget` free, above `warmTarget` it releases free ones down to it. Addresses in use
+/// are never released. The pool never exceeds `maximumPerENI` nor the instance type's
+/// `Ipv4AddressesPerInterface`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.minimum) || self.minimum <= (has(self.warmTarget) ? self.warmTarget : 8)",
+        "message": "minimum must not exceed warmTarget (default 8)",
+        "fieldPath": ".minimum"
+    },
+    {
+        "rule": "!has(self.maximumPerENI) || !has(self.mode) || self.mode != 'prefixes' || self.maximumPerENI >= 16",
+        "message": "in prefixes mode the pool grows by 16 addresses: maximumPerENI must be at least 16",
+        "fieldPath": ".maximumPerENI"
+    }
+]))]
+pub struct IpamSpec {
+    /// `secondaryIPs` (default) or `prefixes` (/28 prefixes, Nitro instance types only).
+    #[serde(default)]
+    pub mode: IpamMode,
+
+    /// Free addresses to keep per ENI (refill up to this, release above it).
+    #[serde(default = "default_warm_target")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub warm_target: i32,
+
+    /// Refill when fewer addresses than this are free (default: half of `warmTarget`,
+    /// rounded up). At most `warmTarget`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1024))]
+    pub minimum: Option<i32>,
+
+    /// Most pod addresses assigned to one ENI (in use and free together; in prefixes mode
+    /// counted as 16 per prefix). Default: what the instance type allows.
+    #[serde(
+        rename = "maximumPerENI",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(range(min = 1, max = 1024))]
+    pub maximum_per_eni: Option<i32>,
+}
+
+impl Default for IpamSpec {
+    fn default() -> Self {
+        Self {
+            mode: IpamMode::default(),
+            warm_target: DEFAULT_IPAM_WARM_TARGET,
+            minimum: None,
+            maximum_per_eni: None,
+        }
+    }
+}
+
+impl IpamSpec {
+    /// The refill threshold: `minimum`, or half of `warmTarget` rounded up; never above
+    /// `warmTarget`.
+    pub fn minimum(&self) -> i32 {
+        let warm = self.warm_target.max(0);
+        self.minimum.unwrap_or((warm + 1) / 2).clamp(0, warm)
+    }
+}
+
+fn default_warm_target() -> i32 {
+    DEFAULT_IPAM_WARM_TARGET
 }
 
 fn default_device_index() -> i32 {
@@ -293,6 +407,29 @@ mod tests {
         assert!(!s.dpdk());
         assert_eq!(s.dpdk_driver(), "vfio-pci");
         assert_eq!(s.dpdk_resource_name(), "intel.com/intel_sriov_netdevice");
+        assert_eq!(s.ipam, None, "no IPAM unless asked");
+    }
+
+    #[test]
+    fn ipam_defaults() {
+        let s = spec("nodeSelector: {}\nipam: {}\n");
+        let ipam = s.ipam.expect("ipam section");
+        assert_eq!(ipam, IpamSpec::default());
+        assert_eq!(ipam.mode, IpamMode::SecondaryIps);
+        assert_eq!(ipam.warm_target, 8);
+        assert_eq!(ipam.minimum(), 4);
+        let s =
+            spec("nodeSelector: {}\nipam: {mode: prefixes, warmTarget: 3, maximumPerENI: 32}\n");
+        let ipam = s.ipam.expect("ipam section");
+        assert_eq!(ipam.mode, IpamMode::Prefixes);
+        assert_eq!(ipam.minimum(), 2);
+        assert_eq!(ipam.maximum_per_eni, Some(32));
+        let explicit = IpamSpec {
+            minimum: Some(9),
+            ..IpamSpec::default()
+        };
+        assert_eq!(explicit.minimum(), 8, "clamped to warmTarget");
+        assert!(serde_yaml_ng::from_str::<IpamSpec>("mode: addresses\n").is_err());
     }
 
     #[test]

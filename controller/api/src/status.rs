@@ -164,6 +164,43 @@ pub struct ENIAttachment {
     /// create never returns an ENI that is gone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_token: Option<String>,
+
+    /// The ENI's pod address pool, when the NodeENI has an `ipam` section.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipam: Option<EniPool>,
+}
+
+/// The pod address pool of one ENI, as the controller assigned it in EC2.
+///
+/// `addresses` and `prefixes` are what the node may hand to pods (the node daemon copies
+/// them into its state file); `releasing` were taken out of the pool and are unassigned
+/// in EC2 once the node's report lists them as `released`. The counts are for people
+/// (`kubectl get neni -o yaml`): pool size, in use and free as of the node's last report.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EniPool {
+    /// `secondaryIPs` or `prefixes`: what the controller assigns on this ENI (can be
+    /// `secondaryIPs` under a `prefixes` spec, see the `IPAM` condition).
+    pub mode: String,
+    /// Secondary private IPv4 addresses in the pool.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
+    /// /28 IPv4 prefixes in the pool (every address in them is usable).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prefixes: Vec<String>,
+    /// Addresses or prefixes being released: no longer handed out, unassigned in EC2
+    /// once the node reports them `released`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub releasing: Vec<String>,
+    /// Pod addresses in the pool.
+    #[serde(default)]
+    pub pool_size: i32,
+    /// Pod addresses in use, as the node last reported.
+    #[serde(default)]
+    pub in_use: i32,
+    /// Pod addresses free.
+    #[serde(default)]
+    pub free: i32,
 }
 
 /// What one node daemon did with the ENIs attached to its Node.
@@ -224,6 +261,31 @@ pub struct InterfaceReport {
     /// Why the daemon could not configure the ENI.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The ENI's pod address pool as the node holds it, when the NodeENI has `ipam`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipam: Option<InterfaceIpam>,
+}
+
+/// The node's side of one ENI's pod address pool.
+///
+/// Written by the node daemon from one snapshot taken under the allocation lock.
+/// `released` is the handshake for shrinking: the daemon lists an address or prefix there
+/// only once it has seen it in the controller's `releasing` list, removed it from the
+/// pool cni-helper hands out, and found no pod using it; only then does the controller
+/// unassign it in EC2.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InterfaceIpam {
+    /// Addresses and prefixes the node may hand out (its copy of the controller's pool).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pool: Vec<String>,
+    /// Addresses given to pods (allocations of containers that still exist).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub in_use: Vec<String>,
+    /// Addresses or prefixes of the controller's `releasing` list the node no longer
+    /// hands out and no pod uses: safe to unassign.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub released: Vec<String>,
 }
 
 /// Condition types and reasons.
@@ -264,4 +326,19 @@ pub mod condition {
     pub const EC2_ERROR: &str = "EC2Error";
     /// Reason: the NodeENI is being deleted.
     pub const DELETING: &str = "Deleting";
+
+    /// Pod address pools (only with `spec.ipam`): True when every ENI's pool is within
+    /// its bounds.
+    pub const IPAM: &str = "IPAM";
+    /// Reason (IPAM, True): every pool holds between minimum and warm target free
+    /// addresses (or is at its maximum).
+    pub const POOL_READY: &str = "PoolReady";
+    /// Reason (IPAM, False): addresses are being assigned or released.
+    pub const POOL_PROGRESSING: &str = "PoolProgressing";
+    /// Reason (IPAM): `prefixes` was asked for but an instance type is not Nitro; those
+    /// ENIs get secondary addresses instead. The message names the instance types.
+    pub const PREFIXES_UNSUPPORTED: &str = "PrefixesUnsupported";
+    /// Reason (IPAM, False): an ENI is at its address limit with fewer free addresses
+    /// than `minimum` (pods on it may get CNI error 11 until some are freed).
+    pub const POOL_AT_LIMIT: &str = "PoolAtLimit";
 }
