@@ -12,6 +12,11 @@
 //!   "pciAddress":"0000:00:07.0","driver":"ena","dpdkBound":false,"resourceName":null}]}
 //! ```
 //!
+//! With a NodeENI `ipam` section, `pools` holds each ENI's pod address pool (keyed by ENI
+//! id): the addresses and /28 prefixes assigned to it in EC2 that cni-helper may hand to
+//! pods, with the subnet's CIDR and gateway. The daemon writes it under the allocation
+//! lock (see [`alloc`]), so cni-helper never allocates from a pool that was just shrunk.
+//!
 //! Compatibility rules (both sides use this crate, so they cannot drift):
 //!
 //! * [`save`] writes a temporary file in the same directory and renames it over the old
@@ -21,6 +26,9 @@
 //!   older one may not have written some). A different `version` is an error: the meaning
 //!   of the fields changed and guessing could hand a pod the wrong device.
 
+pub mod alloc;
+
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,6 +54,62 @@ pub struct StateFile {
     /// One entry per ENI the daemon has located on the node.
     #[serde(default)]
     pub enis: Vec<EniState>,
+    /// Pod address pools by ENI id (only ENIs of a NodeENI with `ipam`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pools: BTreeMap<String, PodPool>,
+}
+
+/// The pod addresses of one ENI that cni-helper may hand out.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PodPool {
+    /// The subnet's CIDR block (pods get its prefix length).
+    #[serde(rename = "subnetCIDR", default)]
+    pub subnet_cidr: String,
+    /// The VPC router of the subnet (its first address + 1), the pods' gateway.
+    #[serde(default)]
+    pub gateway: String,
+    /// Secondary addresses assigned to the ENI.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
+    /// /28 prefixes assigned to the ENI (every address in them is usable).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prefixes: Vec<String>,
+}
+
+impl PodPool {
+    /// Every address of the pool: the secondary addresses, then each prefix's addresses,
+    /// in order; malformed entries are skipped.
+    pub fn expand(&self) -> Vec<std::net::Ipv4Addr> {
+        let mut out: Vec<std::net::Ipv4Addr> = self
+            .addresses
+            .iter()
+            .filter_map(|a| a.parse().ok())
+            .collect();
+        for p in &self.prefixes {
+            let Some((base, len)) = p.split_once('/') else {
+                continue;
+            };
+            let (Ok(base), Ok(len)) = (base.parse::<std::net::Ipv4Addr>(), len.parse::<u32>())
+            else {
+                continue;
+            };
+            if !(24..=32).contains(&len) {
+                continue;
+            }
+            let base = u32::from(base);
+            for i in 0..(1u32 << (32 - len)) {
+                out.push(std::net::Ipv4Addr::from(base + i));
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Whether `unit` (an address or a prefix) is in the pool.
+    pub fn holds(&self, unit: &str) -> bool {
+        self.addresses.iter().any(|a| a == unit) || self.prefixes.iter().any(|p| p == unit)
+    }
 }
 
 /// One ENI on the node.
@@ -90,6 +154,7 @@ impl StateFile {
             version: VERSION,
             node: node.to_string(),
             enis: Vec::new(),
+            pools: BTreeMap::new(),
         }
     }
 
@@ -190,6 +255,11 @@ pub fn load(path: &Path) -> Result<Option<StateFile>, Error> {
 /// lives on a tmpfs (`/run`) and describes the running system, so it is meant to vanish
 /// with a reboot, and a crash of the daemon alone loses nothing that was written.
 pub fn save(path: &Path, state: &StateFile) -> Result<(), Error> {
+    write_atomic(path, state)
+}
+
+/// Writes `value` as pretty JSON to `path` through a temporary file and a rename.
+pub(crate) fn write_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), Error> {
     static SEQ: AtomicU64 = AtomicU64::new(0);
     let io = |source| Error::Io {
         path: path.to_path_buf(),
@@ -200,13 +270,17 @@ pub fn save(path: &Path, state: &StateFile) -> Result<(), Error> {
         _ => Path::new("."),
     };
     std::fs::create_dir_all(dir).map_err(io)?;
-    let mut json = serde_json::to_vec_pretty(state).map_err(|source| Error::Parse {
+    let mut json = serde_json::to_vec_pretty(value).map_err(|source| Error::Parse {
         path: path.to_path_buf(),
         source,
     })?;
     json.push(b'\n');
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| FILE_NAME.to_string());
     let tmp = dir.join(format!(
-        ".{FILE_NAME}.{}.{}.tmp",
+        ".{name}.{}.{}.tmp",
         std::process::id(),
         SEQ.fetch_add(1, Ordering::Relaxed)
     ));
@@ -245,6 +319,7 @@ mod tests {
             version: 1,
             node: "n1".into(),
             enis: vec![entry()],
+            pools: BTreeMap::new(),
         };
         let v = serde_json::to_value(&state).expect("serializes");
         let expected = serde_json::json!({
@@ -396,7 +471,7 @@ mod tests {
             #![proptest_config(ProptestConfig::with_cases(128))]
             #[test]
             fn what_is_written_is_what_is_read(enis in prop::collection::vec(arb_entry(), 0..6)) {
-                let state = StateFile { version: VERSION, node: "n".into(), enis };
+                let state = StateFile { version: VERSION, node: "n".into(), enis, pools: BTreeMap::new() };
                 let bytes = serde_json::to_vec(&state).expect("serializes");
                 prop_assert_eq!(parse(&bytes).expect("parses"), state);
             }
