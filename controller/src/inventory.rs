@@ -310,6 +310,8 @@ impl Instances {
                 let l = found.get(&t).cloned().unwrap_or(InstanceLimits {
                     max_enis: 0,
                     cards: Vec::new(),
+                    ipv4_per_interface: None,
+                    nitro: None,
                 });
                 limits.insert(t, l);
             }
@@ -335,6 +337,15 @@ impl Instances {
             .find(|(card, _)| *card == network_card_index)
             .map(|(_, max)| *max);
         Some(per_card.unwrap_or(l.max_enis))
+    }
+
+    /// `(Ipv4AddressesPerInterface, Nitro)` of an instance type, as far as known.
+    pub fn ip_limits(&self, instance_type: &str) -> (Option<i32>, Option<bool>) {
+        let limits = lock(&self.limits);
+        match limits.get(instance_type) {
+            Some(l) => (l.ipv4_per_interface.filter(|n| *n > 0), l.nitro),
+            None => (None, None),
+        }
     }
 
     /// Marks an instance's view out of date, so the next [`ensure`](Self::ensure)
@@ -408,6 +419,8 @@ mod tests {
                 state,
                 delete_on_termination: true,
             }),
+            secondary_ips: Vec::new(),
+            ipv4_prefixes: Vec::new(),
         }
     }
 

@@ -4,6 +4,7 @@
 //! * [`config`]: flags and environment.
 //! * [`ec2`]: the narrow EC2 trait and its AWS SDK adapter.
 //! * [`plan`]: the pure planning step, unit tested.
+//! * [`ipam`]: the pure pod address pool planner (spec.ipam), unit tested.
 //! * [`reconciler`]: observe -> plan -> execute -> status, per NodeENI.
 //! * [`inventory`], [`resolve`]: in-memory EC2 state and name caches.
 //! * [`ratelimit`]: client-side EC2 token buckets.
@@ -12,6 +13,7 @@
 pub mod config;
 pub mod ec2;
 pub mod inventory;
+pub mod ipam;
 pub mod lease;
 pub mod metrics;
 pub mod plan;

@@ -519,6 +519,8 @@ mod tests {
                 state,
                 delete_on_termination: true,
             }),
+            secondary_ips: Vec::new(),
+            ipv4_prefixes: Vec::new(),
         }
     }
 

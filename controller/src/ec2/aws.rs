@@ -175,6 +175,28 @@ fn eni_from(ni: &NetworkInterface) -> Option<Eni> {
         description: ni.description().unwrap_or_default().to_string(),
         tags: tags_map(ni.tag_set()),
         attachment,
+        secondary_ips: {
+            let mut v: Vec<String> = ni
+                .private_ip_addresses()
+                .iter()
+                .filter(|a| a.primary() != Some(true))
+                .filter_map(|a| a.private_ip_address().map(str::to_string))
+                .filter(|a| Some(a.as_str()) != ni.private_ip_address())
+                .collect();
+            v.sort();
+            v.dedup();
+            v
+        },
+        ipv4_prefixes: {
+            let mut v: Vec<String> = ni
+                .ipv4_prefixes()
+                .iter()
+                .filter_map(|p| p.ipv4_prefix().map(str::to_string))
+                .collect();
+            v.sort();
+            v.dedup();
+            v
+        },
     })
 }
 
@@ -304,6 +326,8 @@ impl Ec2 for AwsEc2 {
                     InstanceLimits {
                         max_enis: net.maximum_network_interfaces()?,
                         cards,
+                        ipv4_per_interface: net.ipv4_addresses_per_interface(),
+                        nitro: t.hypervisor().map(|h| h.as_str() == "nitro"),
                     },
                 ))
             })
@@ -491,6 +515,59 @@ impl Ec2 for AwsEc2 {
             .delete_network_interface()
             .network_interface_id(eni_id);
         self.call("DeleteNetworkInterface", || req.clone().send())
+            .await
+            .map(drop)
+    }
+
+    async fn assign_ips(
+        &self,
+        eni_id: String,
+        count: i32,
+        prefixes: bool,
+    ) -> Result<Vec<String>, Ec2Error> {
+        let mut req = self
+            .client
+            .assign_private_ip_addresses()
+            .network_interface_id(eni_id);
+        req = if prefixes {
+            req.ipv4_prefix_count(count)
+        } else {
+            req.secondary_private_ip_address_count(count)
+        };
+        let resp = self
+            .call("AssignPrivateIpAddresses", || req.clone().send())
+            .await?;
+        let mut out: Vec<String> = if prefixes {
+            resp.assigned_ipv4_prefixes()
+                .iter()
+                .filter_map(|p| p.ipv4_prefix().map(str::to_string))
+                .collect()
+        } else {
+            resp.assigned_private_ip_addresses()
+                .iter()
+                .filter_map(|a| a.private_ip_address().map(str::to_string))
+                .collect()
+        };
+        out.sort();
+        Ok(out)
+    }
+
+    async fn unassign_ips(
+        &self,
+        eni_id: String,
+        units: Vec<String>,
+        prefixes: bool,
+    ) -> Result<(), Ec2Error> {
+        let mut req = self
+            .client
+            .unassign_private_ip_addresses()
+            .network_interface_id(eni_id);
+        req = if prefixes {
+            req.set_ipv4_prefixes(Some(units))
+        } else {
+            req.set_private_ip_addresses(Some(units))
+        };
+        self.call("UnassignPrivateIpAddresses", || req.clone().send())
             .await
             .map(drop)
     }

@@ -33,6 +33,10 @@ pub struct Eni {
     pub tags: BTreeMap<String, String>,
     /// Current attachment.
     pub attachment: Option<Attachment>,
+    /// Secondary private IPv4 addresses (the primary excluded), sorted.
+    pub secondary_ips: Vec<String>,
+    /// /28 IPv4 prefixes, sorted.
+    pub ipv4_prefixes: Vec<String>,
 }
 
 /// An ENI's attachment to an instance.
@@ -179,6 +183,11 @@ pub struct InstanceLimits {
     pub max_enis: i32,
     /// Maximum ENIs per network card: (card index, maximum).
     pub cards: Vec<(i32, i32)>,
+    /// `Ipv4AddressesPerInterface`: the primary address, each secondary address and each
+    /// /28 prefix count one.
+    pub ipv4_per_interface: Option<i32>,
+    /// The hypervisor is Nitro (`/28` prefixes are possible); `None` when EC2 did not say.
+    pub nitro: Option<bool>,
 }
 
 /// A subnet.
@@ -317,6 +326,25 @@ pub trait Ec2: Send + Sync + 'static {
 
     /// `DeleteNetworkInterface`.
     fn delete_eni(&self, eni_id: String) -> impl Future<Output = Result<(), Ec2Error>> + Send;
+
+    /// `AssignPrivateIpAddresses` with `SecondaryPrivateIpAddressCount` (`prefixes` false)
+    /// or `Ipv4PrefixCount` (`prefixes` true); returns what EC2 assigned (addresses, or
+    /// prefixes in CIDR notation).
+    fn assign_ips(
+        &self,
+        eni_id: String,
+        count: i32,
+        prefixes: bool,
+    ) -> impl Future<Output = Result<Vec<String>, Ec2Error>> + Send;
+
+    /// `UnassignPrivateIpAddresses` of these secondary addresses or /28 prefixes (CIDR
+    /// notation).
+    fn unassign_ips(
+        &self,
+        eni_id: String,
+        units: Vec<String>,
+        prefixes: bool,
+    ) -> impl Future<Output = Result<(), Ec2Error>> + Send;
 
     /// `CreateTags` on one ENI (adopting an ENI created before it carried this
     /// controller's ownership tags).

@@ -9,6 +9,7 @@
 mod act;
 pub mod adopt;
 mod observe;
+mod pool;
 mod report;
 
 use std::collections::BTreeMap;
@@ -124,6 +125,13 @@ pub(super) struct Outcome {
     /// Status entries of ENIs this controller does not own and could not adopt (see
     /// [`adopt`]): kept listed, and the finalizer kept, until they are gone.
     unadopted: Vec<ENIAttachment>,
+    /// Pod address pools to publish, by ENI (`spec.ipam`; see [`pool`]). Starts as the
+    /// pools status lists, so interim writes keep them.
+    pools: BTreeMap<String, eni_api::EniPool>,
+    /// The IPAM condition, when the NodeENI has `spec.ipam`.
+    ipam: Option<pool::IpamVerdict>,
+    /// A pool is being filled or shrunk, or a call failed: look again soon.
+    pools_pending: bool,
 }
 
 impl Outcome {
@@ -145,6 +153,9 @@ impl Outcome {
             security_groups: self.security_groups.clone(),
             tokens: self.tokens.clone(),
             unadopted: self.unadopted.clone(),
+            pools: self.pools.clone(),
+            ipam: self.ipam.clone(),
+            pools_pending: self.pools_pending,
         }
     }
 }
@@ -196,7 +207,10 @@ async fn reconcile_inner<E: Ec2>(obj: Arc<NodeENI>, ctx: &Context<E>) -> Result<
     ctx.nodes.wait_until_ready().await.ok();
 
     // Observe.
-    let mut outcome = Outcome::default();
+    let mut outcome = Outcome {
+        pools: pool::published(&obj),
+        ..Outcome::default()
+    };
     adopt::adopt(ctx, &obj, &mut outcome).await?;
     let observed = observe(ctx, &obj, &mut outcome).await?;
     for (message, _) in &outcome.resolve_errors {
@@ -253,6 +267,9 @@ async fn reconcile_inner<E: Ec2>(obj: Arc<NodeENI>, ctx: &Context<E>) -> Result<
             ctx.instances.invalidate(&slot.instance_id);
         }
     }
+
+    // Pod address pools of the attached ENIs.
+    pool::pools(ctx, &obj, &mut outcome).await;
 
     // Report.
     let latest = write_status(ctx, &api, &obj, last.as_ref(), Some(&plan), &outcome)
@@ -329,7 +346,7 @@ fn next_requeue<E: Ec2>(ctx: &Context<E>, plan: &Plan, outcome: &Outcome) -> Req
         // Someone else must change something (free an index, a bigger instance, IAM):
         // look again now and then, without a retry storm.
         Requeue::requeue(Duration::from_secs(30))
-    } else if !plan.converged() {
+    } else if !plan.converged() || outcome.pools_pending {
         // In-flight attaches and detaches wake us through the poller; this is a backstop.
         Requeue::requeue(Duration::from_secs(5))
     } else {

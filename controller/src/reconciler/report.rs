@@ -118,7 +118,7 @@ pub(super) async fn write_status<E: Ec2>(
         conditions: s
             .conditions
             .iter()
-            .filter(|c| c.type_ == condition::READY)
+            .filter(|c| c.type_ == condition::READY || c.type_ == condition::IPAM)
             .cloned()
             .collect(),
         ..s.clone()
@@ -248,6 +248,7 @@ pub(super) fn build_status<E: Ec2>(
             dpdk_driver: dpdk.then(|| obj.spec.dpdk_driver().to_string()),
             dpdk_resource_name: dpdk.then(|| obj.spec.dpdk_resource_name().to_string()),
             client_token: None,
+            ipam: eni_id.and_then(|id| outcome.pools.get(id).cloned()),
             dpdk_pci_address: report
                 .and_then(|r| r.pci_address.clone())
                 .or_else(|| obj.spec.dpdk_pci_address.clone().filter(|_| dpdk)),
@@ -398,9 +399,26 @@ pub(super) fn build_status<E: Ec2>(
         observed_generation: generation,
         last_transition_time: transition,
     };
+    let mut conditions = vec![ready_condition];
+    if let Some((ok, reason, message)) = &outcome.ipam {
+        let status = if *ok { "True" } else { "False" };
+        let previous = old.conditions.iter().find(|c| c.type_ == condition::IPAM);
+        let transition = match previous {
+            Some(p) if p.status == status => p.last_transition_time.clone(),
+            _ => now.clone(),
+        };
+        conditions.push(Condition {
+            type_: condition::IPAM.to_string(),
+            status: status.to_string(),
+            reason: reason.to_string(),
+            message: message.clone(),
+            observed_generation: generation,
+            last_transition_time: transition,
+        });
+    }
     NodeENIStatus {
         observed_generation: generation,
-        conditions: vec![ready_condition],
+        conditions,
         desired_attachments: desired as i32,
         ready_attachments: ready,
         subnet_ids: if outcome.subnet_ids.is_empty() {

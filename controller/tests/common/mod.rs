@@ -272,6 +272,13 @@ impl World {
         }));
     }
 
+    /// Stops the in-process controller (a crash, as far as the API server and EC2 see).
+    pub fn stop_controller(&mut self) {
+        if let Some(c) = self.controller.take() {
+            c.abort();
+        }
+    }
+
     pub fn nodeenis(&self) -> Api<NodeENI> {
         Api::all(self.kube.clone())
     }
