@@ -20,11 +20,15 @@ use crate::metrics::Metrics;
 use crate::netlink::{LinkEvent, Netlink};
 use crate::plan::{self, Action, Desired, EniPlan, Observed, Release};
 use crate::podresources::PodResources;
+use crate::pool;
 use crate::state::{self, EniState, StateFile};
 use crate::sysfs::{self, Binder};
 
 /// How often the report writer wakes up on its own (it mostly reacts to changes).
 const IDLE_WAKEUP: Duration = Duration::from_secs(3600);
+
+/// How often the allocation file's modification time is checked for pod churn.
+const ALLOC_POLL: Duration = Duration::from_secs(1);
 
 /// Delay before retrying a failed report write.
 const REPORT_RETRY: Duration = Duration::from_secs(2);
@@ -177,6 +181,7 @@ impl Daemon {
             version: state::VERSION,
             node: self.settings.node.clone(),
             enis,
+            pools: self.state.pools.clone(),
         };
         if next == self.state && self.state_path.exists() {
             return;
@@ -299,6 +304,41 @@ impl Daemon {
             .reconcile_seconds
             .observe(started.elapsed().as_secs_f64());
         Ok(outcome)
+    }
+
+    /// Copies the published pod address pools into the state file and computes each
+    /// ENI's pool report, under the allocation lock (see [`crate::pool`]). Returns the
+    /// reports by ENI id.
+    pub async fn sync_pools(
+        &mut self,
+        wants: &[pool::PoolWant],
+    ) -> Result<BTreeMap<String, eni_api::InterfaceIpam>> {
+        if wants.is_empty() && self.state.pools.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let dir = self.settings.state_dir.clone();
+        let path = self.state_path.clone();
+        let mut next = self.state.clone();
+        next.node.clone_from(&self.settings.node);
+        let wants = wants.to_vec();
+        let task = tokio::task::spawn_blocking(move || {
+            // The lock makes the new pool and the usage one snapshot: once the file is
+            // written, cni-helper cannot hand out what the controller wants back.
+            let locked = eni_state::alloc::lock(&dir)?;
+            let (pools, reports) = pool::plan(&wants, &locked.allocations);
+            let changed = next.pools != pools || !path.exists();
+            next.pools = pools;
+            if changed {
+                state::save(&path, &next)?;
+            }
+            drop(locked);
+            Ok::<_, eni_state::Error>((next, reports))
+        });
+        let (next, reports) = task
+            .await
+            .map_err(|e| Error::SysfsTask(format!("pool sync task: {e}")))??;
+        self.state = next;
+        Ok(reports)
     }
 
     /// Runs a sysfs driver operation on `pci` on a blocking thread and waits for it up to
@@ -434,6 +474,7 @@ impl Daemon {
                 dpdk_bound: false,
                 resource_name: d.dpdk.as_ref().map(|w| w.resource_name.clone()),
                 error: p.problem.clone(),
+                ipam: None,
             };
             let mut bound = p.wants_bound() && p.actions.is_empty();
             let mut refused = false;
@@ -557,6 +598,29 @@ fn report_release(outcome: &mut Outcome, r: &Release, problem: String) {
     });
 }
 
+/// Puts each ENI's pool report into its interface report (one is added for an ENI the
+/// daemon has not located yet, so usage and releases still reach the controller).
+fn merge_pool_reports(
+    outcome: &mut Outcome,
+    wants: &[pool::PoolWant],
+    mut pools: BTreeMap<String, eni_api::InterfaceIpam>,
+) {
+    for w in wants {
+        let Some(ipam) = pools.remove(&w.eni_id) else {
+            continue;
+        };
+        let reports = outcome.reports.entry(w.node_eni.clone()).or_default();
+        match reports.iter_mut().find(|r| r.eni_id == w.eni_id) {
+            Some(r) => r.ipam = Some(ipam),
+            None => reports.push(InterfaceReport {
+                eni_id: w.eni_id.clone(),
+                ipam: Some(ipam),
+                ..Default::default()
+            }),
+        }
+    }
+}
+
 /// Runs the daemon until `shutdown` completes: watches NodeENIs, reacts to link events,
 /// resyncs every `resync`, and keeps this node's `nodeReports` entries current.
 ///
@@ -633,7 +697,14 @@ pub async fn run(
     let mut tick = tokio::time::interval(resync);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.reset();
-    loop {
+    // Pod churn changes the allocation file, not the NodeENIs: usage is re-read when its
+    // modification time changes (a stat a second), without a full reconcile.
+    let alloc_path = eni_state::alloc::path(&daemon.settings.state_dir);
+    let mtime = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut alloc_seen = mtime(&alloc_path);
+    let mut alloc_tick = tokio::time::interval(ALLOC_POLL);
+    alloc_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    'outer: loop {
         let objs = reader.state();
         let desired =
             plan::desired_from_nodeenis(objs.iter().map(AsRef::as_ref), &node, default_mtu);
@@ -643,9 +714,30 @@ pub async fn run(
             default_mtu,
         ));
         let span = info_span!("reconcile", node, enis = desired.len());
-        match daemon.reconcile(&desired).instrument(span).await {
+        let base = match daemon.reconcile(&desired).instrument(span).await {
             Ok(outcome) => {
                 daemon.metrics.set_ready();
+                Some(outcome)
+            }
+            Err(e) => {
+                daemon.metrics.errors.inc();
+                error!(error = %e, "reconcile failed");
+                None
+            }
+        };
+        loop {
+            if let Some(base) = &base {
+                let mut outcome = base.clone();
+                let wants =
+                    pool::wants_from_nodeenis(reader.state().iter().map(AsRef::as_ref), &node);
+                alloc_seen = mtime(&alloc_path);
+                match daemon.sync_pools(&wants).await {
+                    Ok(pools) => merge_pool_reports(&mut outcome, &wants, pools),
+                    Err(e) => {
+                        daemon.metrics.errors.inc();
+                        error!(error = %e, "cannot sync the pod address pools");
+                    }
+                }
                 reports_tx.send_if_modified(|cur| {
                     if cur.as_ref() == Some(&outcome.reports) {
                         false
@@ -655,21 +747,24 @@ pub async fn run(
                     }
                 });
             }
-            Err(e) => {
-                daemon.metrics.errors.inc();
-                error!(error = %e, "reconcile failed");
+            loop {
+                tokio::select! {
+                    _ = &mut shutdown => break 'outer,
+                    _ = &mut link_lost => {
+                        stop();
+                        return Err(crate::Error::NetlinkSocket(std::io::Error::other(
+                            "the netlink connection closed",
+                        )));
+                    }
+                    _ = notify.notified() => continue 'outer,
+                    _ = tick.tick() => continue 'outer,
+                    _ = alloc_tick.tick() => {
+                        if mtime(&alloc_path) != alloc_seen {
+                            break;
+                        }
+                    }
+                }
             }
-        }
-        tokio::select! {
-            _ = &mut shutdown => break,
-            _ = &mut link_lost => {
-                stop();
-                return Err(crate::Error::NetlinkSocket(std::io::Error::other(
-                    "the netlink connection closed",
-                )));
-            }
-            _ = notify.notified() => {}
-            _ = tick.tick() => {}
         }
     }
     stop();

@@ -10,6 +10,8 @@
 //!   and the local demo);
 //! * [`inventory`]: ENI facts (NodeENI, subnet, MTU, IPs) published with the devices;
 //! * [`state`]: the `enis.json` state file shared with cni-helper;
+//! * [`pool`]: pod address pools (NodeENI `ipam`): the published pool into the state
+//!   file, usage and releases into the report, under the allocation lock; no EC2 call;
 //! * [`podresources`]: which devices running pods hold (kubelet PodResources `List`);
 //! * [`report`]: this node's `status.nodeReports` entry (server-side apply);
 //! * [`daemon`]: the reconcile loop; [`metrics`]: Prometheus and health endpoints;
@@ -27,6 +29,7 @@ pub mod metrics;
 pub mod netlink;
 pub mod plan;
 pub mod podresources;
+pub mod pool;
 pub mod report;
 pub mod state;
 pub mod sysfs;
