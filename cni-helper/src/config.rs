@@ -256,6 +256,15 @@ impl NetConf {
         for (k, v) in &self.passthrough {
             d.insert(k.clone(), v.clone());
         }
+        // cni-helper as the delegate's IPAM: tell it which ENI (unless the config did).
+        if let Some(Value::Object(ipam)) = d.get_mut("ipam")
+            && ipam.get("type").and_then(Value::as_str) == Some(crate::ipam::TYPE)
+        {
+            ipam.entry("deviceIndex")
+                .or_insert_with(|| Value::from(self.device_index));
+            ipam.entry("networkCardIndex")
+                .or_insert_with(|| Value::from(self.network_card_index));
+        }
         match (self.kind, target) {
             (_, None) => {}
             (DelegateKind::Ipvlan | DelegateKind::Macvlan, Some(Target::Netdev(name))) => {

@@ -7,11 +7,14 @@
 //! * [`plugin`]: the CNI commands, delegating through [`exec::Delegates`].
 //! * [`nad`]: NetworkAttachmentDefinition generation for the CLI.
 //! * [`nodeconf`]: the node-local config (state dir, IMDS endpoint).
+//! * [`ipam`]: cni-helper as the IPAM plugin of its delegate: pod addresses from the
+//!   ENI's pool in the state file, allocations under a lock, no EC2 call.
 
 pub mod cni;
 pub mod config;
 pub mod exec;
 pub mod imds;
+pub mod ipam;
 pub mod nad;
 pub mod nodeconf;
 pub mod plugin;

@@ -139,6 +139,9 @@ fn cni_main() -> ExitCode {
             let path = nodeconf::path_from(std::env::var(nodeconf::PATH_ENV).ok().as_deref());
             match nodeconf::load(&path) {
                 Err(e) => error_reply(&CniError::new(CniCode::InvalidConfig, e.to_string())),
+                Ok(node) if cni_helper::ipam::is_ipam_call(&stdin) => {
+                    ipam_reply(&env, &stdin, &vars, &node.state_dir)
+                }
                 Ok(node) => {
                     let delegates = CniPath::new(env.path.clone());
                     let resolver =
@@ -155,6 +158,38 @@ fn cni_main() -> ExitCode {
     // If stdout is gone there is no one left to tell.
     let _ = out.write_all(&reply.stdout).and_then(|()| out.flush());
     ExitCode::from(u8::try_from(reply.exit).unwrap_or(1))
+}
+
+/// cni-helper run as an IPAM plugin (see `cni_helper::ipam`).
+fn ipam_reply(
+    env: &CniEnv,
+    stdin: &[u8],
+    vars: &HashMap<String, String>,
+    state_dir: &std::path::Path,
+) -> plugin::Reply {
+    if env.command == cni::Command::Version {
+        return plugin::Reply {
+            stdout: cni::version_json().to_string().into_bytes(),
+            exit: 0,
+            log: Vec::new(),
+        };
+    }
+    let call = match cni_helper::ipam::IpamCall::parse(stdin, vars) {
+        Ok(c) => c,
+        Err(e) => return error_reply(&e),
+    };
+    match cni_helper::ipam::run(env.command, &call, state_dir) {
+        Ok(out) => plugin::Reply {
+            stdout: out.map(|v| v.to_string().into_bytes()).unwrap_or_default(),
+            exit: 0,
+            log: Vec::new(),
+        },
+        Err(e) => plugin::Reply {
+            stdout: e.to_json(&call.cni_version).to_string().into_bytes(),
+            exit: 1,
+            log: vec![format!("cni-helper (ipam): {}", e.msg)],
+        },
+    }
 }
 
 fn error_reply(e: &CniError) -> plugin::Reply {
