@@ -5,6 +5,7 @@
 #   kube-apiserver, kubectl,         Go module proxy (hack/peers/kube)
 #   kubelet, kube-scheduler v1.37.2
 #   kubelet-dp harness               the kubelet's device manager (hack/peers/kube/kubelet-dp)
+#   kubelet-dra harness              the kubelet's DRA manager (hack/peers/kube/kubelet-dra)
 #   etcd v3.6                        Go module proxy (hack/peers/etcd)
 #   helm v3, multus v4.3.0, cnitool  Go module proxy (hack/peers/{helm,multus,cnitool})
 #   helm-docs v1.14                  Go module proxy (hack/peers/helm-docs): chart READMEs
@@ -76,6 +77,9 @@ if [[ ${1:-} != --print ]]; then
   if [[ -d $HACK_DIR/peers/kube/kubelet-dp ]]; then
     build_go kubelet-dp kube "-s -w" ./kubelet-dp
   fi
+  if [[ -d $HACK_DIR/peers/kube/kubelet-dra ]]; then
+    build_go kubelet-dra kube "-s -w" ./kubelet-dra
+  fi
   build_go etcd etcd "-s -w" go.etcd.io/etcd/server/v3
   build_go helm helm "-s -w" helm.sh/helm/v3/cmd/helm
   build_go helm-docs helm-docs "-s -w" github.com/norwoodj/helm-docs/cmd/helm-docs
@@ -106,3 +110,4 @@ ver cni-plugins "$(dpkg-query -W -f '${Version}' containernetworking-plugins 2>/
 ver iproute2 "$(ip -V 2>&1)"
 ver moto "$("$ENI_CACHE_DIR/moto-venv/bin/python" -c 'import moto; print(moto.__version__)' 2>&1)"
 if [[ -x $ENI_BIN_DIR/kubelet-dp ]]; then ver kubelet-dp "k8s.io/kubernetes $K8S_VERSION device manager"; fi
+if [[ -x $ENI_BIN_DIR/kubelet-dra ]]; then ver kubelet-dra "k8s.io/kubernetes $K8S_VERSION DRA manager"; fi
