@@ -157,8 +157,10 @@ async fn warm_pool_follows_node_usage_and_never_unassigns_an_address_in_use() {
         })
         .await;
     let p = pool(&obj).expect("pool");
-    // ... and stay assigned until the node lets go of them.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // ... and stay assigned until the node lets go of them: two more passes end (the
+    // second starts after the one that published them has ended) and unassign nothing.
+    let seen = w.reconciles_ok();
+    w.wait_for_reconciles(seen, 2).await;
     assert_eq!(in_ec2(&w, &eni).await.0.len(), 7);
     assert_eq!(w.metrics.ec2_call_count("UnassignPrivateIpAddresses"), 0);
 
@@ -186,9 +188,11 @@ async fn warm_pool_follows_node_usage_and_never_unassigns_an_address_in_use() {
 
     // Level-triggered: a restarted controller reaches the same pool from EC2 and status.
     let before = pool(&obj).expect("pool");
-    w.stop_controller();
+    w.stop_controller().await;
+    let seen = w.reconciles_ok();
     w.start_controller(&[]);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Its first pass (from the initial list) has ended, status written.
+    w.wait_for_reconciles(seen, 1).await;
     let after = pool(&w.nodeenis().get("vpc").await.expect("get")).expect("pool");
     assert_eq!(before.addresses, after.addresses);
     assert_eq!(before.releasing, after.releasing);
@@ -285,7 +289,13 @@ async fn churn(ipam: &str, max_alive: usize) {
     let mut started = 0;
     let mut empty = 0;
     let mut step = 0u64;
+    // Pace like a node daemon, which reports usage at most once a second (it checks the
+    // allocation file that often). This paces the load; it waits for nothing: whatever
+    // the controller has not refilled by the next step counts as an empty pool.
+    let mut pace = tokio::time::interval(Duration::from_secs(1));
+    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while started < 200 || !alive.is_empty() {
+        pace.tick().await;
         step += 1;
         let p = pool(&w.nodeenis().get("vpc").await.expect("get")).expect("pool");
         let free: Vec<String> = expand(&p)
@@ -340,10 +350,6 @@ async fn churn(ipam: &str, max_alive: usize) {
         for a in &alive {
             assert!(assigned.contains(a), "{a} in use but unassigned");
         }
-        // Pace like a node daemon, which reports usage at most once a second (it checks
-        // the allocation file that often); the controller debounces NodeENI events by
-        // 500 ms, so faster reports would only postpone its reconciles.
-        tokio::time::sleep(Duration::from_millis(600)).await;
     }
     let used = calls(&w) - start_calls;
     println!(

@@ -15,7 +15,7 @@ use clap::Parser;
 use eni_api::NodeENI;
 use eni_controller::config::Cli;
 use eni_controller::ec2::aws::AwsEc2;
-use eni_controller::metrics::Metrics;
+use eni_controller::metrics::{Metrics, ResultLabels};
 use eni_controller::ratelimit::RateLimiter;
 use eni_testkit::faults::{FaultConfig, FaultProxy};
 use eni_testkit::{ApiServer, Child, Moto, eventually};
@@ -272,11 +272,41 @@ impl World {
         }));
     }
 
-    /// Stops the in-process controller (a crash, as far as the API server and EC2 see).
-    pub fn stop_controller(&mut self) {
+    /// Stops the in-process controller (a crash, as far as the API server and EC2 see);
+    /// returns once its task is gone, so no pass of it ends (or is counted) afterwards.
+    pub async fn stop_controller(&mut self) {
         if let Some(c) = self.controller.take() {
             c.abort();
+            // Cancelled (or already finished): either way the task has ended.
+            let _ = c.await;
         }
+    }
+
+    /// Reconcile passes completed without error so far, by every controller this world
+    /// ran (they share [`World::metrics`], which the metrics endpoint serves).
+    pub fn reconciles_ok(&self) -> u64 {
+        self.metrics
+            .reconciles
+            .get(&ResultLabels {
+                result: "ok".into(),
+            })
+            .map(|c| c.get())
+            .unwrap_or(0)
+    }
+
+    /// Waits until `more` reconcile passes beyond `since` ([`World::reconciles_ok`]) have
+    /// completed: the positive event before asserting that something did not happen.
+    pub async fn wait_for_reconciles(&self, since: u64, more: u64) {
+        let target = since + more;
+        let done = eventually(Duration::from_secs(60), || async {
+            (self.reconciles_ok() >= target).then_some(())
+        })
+        .await;
+        assert!(
+            done.is_some(),
+            "timed out waiting for {more} reconcile passes (at {} of {target})",
+            self.reconciles_ok()
+        );
     }
 
     pub fn nodeenis(&self) -> Api<NodeENI> {
