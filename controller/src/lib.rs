@@ -272,12 +272,10 @@ pub async fn run_with<E: Ec2>(
     }
 
     let controller = Controller::new(nodeenis, watcher::Config::default().any_semantic())
-        // No debounce: kube's is trailing-edge, so a NodeENI whose status the node
-        // daemons keep writing would never be reconciled. Requests for an object that is
-        // queued or running are merged by the scheduler anyway.
         .with_config(
             kube::runtime::controller::Config::default()
-                .concurrency(args.max_concurrent_reconciles),
+                .concurrency(args.max_concurrent_reconciles)
+                .debounce(std::time::Duration::from_millis(500)),
         );
     let nodeeni_store = controller.store();
     let node_mapper = move |node: Node| {
