@@ -78,6 +78,16 @@ pub struct ControllerArgs {
     )]
     pub max_concurrent_reconciles: u16,
 
+    /// Watch events of one NodeENI (its status written by node daemons, Node changes)
+    /// are coalesced into one reconcile once they pause for this long...
+    #[arg(long, env = "ENI_CONTROLLER_COALESCE_QUIET", default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub coalesce_quiet: Duration,
+
+    /// ...or at the latest this long after the first of them, so a NodeENI whose status
+    /// is written without pause is still reconciled.
+    #[arg(long, env = "ENI_CONTROLLER_COALESCE_MAX_DELAY", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub coalesce_max_delay: Duration,
+
     /// ENI removal chains (detach -> wait -> delete) run at once within one NodeENI. As
     /// for provisioning, the rate limiter paces the EC2 calls; a chain waiting for its
     /// detach to finish holds a place, so a small value slows bulk removal well below
@@ -316,6 +326,12 @@ impl ControllerArgs {
             if !(v.is_finite() && v > 0.0) {
                 return Err(format!("{name} must be a positive number, got {v}"));
             }
+        }
+        if self.coalesce_max_delay < self.coalesce_quiet {
+            return Err(format!(
+                "--coalesce-max-delay ({:?}) must not be shorter than --coalesce-quiet ({:?})",
+                self.coalesce_max_delay, self.coalesce_quiet
+            ));
         }
         if self.max_concurrent_reconciles == 0 {
             return Err("--max-concurrent-reconciles must be at least 1".into());

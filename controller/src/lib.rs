@@ -8,9 +8,11 @@
 //! * [`reconciler`]: observe -> plan -> execute -> status, per NodeENI.
 //! * [`inventory`], [`resolve`]: in-memory EC2 state and name caches.
 //! * [`ratelimit`]: client-side EC2 token buckets.
+//! * [`debounce`]: bounded coalescing of reconcile triggers.
 //! * [`server`]: `/healthz`, `/readyz`, `/metrics`.
 
 pub mod config;
+pub mod debounce;
 pub mod ec2;
 pub mod inventory;
 pub mod ipam;
@@ -32,7 +34,7 @@ use aws_config::retry::RetryConfig;
 use eni_api::NodeENI;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
-use kube::runtime::controller::Controller;
+use kube::runtime::controller::applier;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -271,45 +273,80 @@ pub async fn run_with<E: Ec2>(
         ));
     }
 
-    let controller = Controller::new(nodeenis, watcher::Config::default().any_semantic())
-        .with_config(
-            kube::runtime::controller::Config::default()
-                .concurrency(args.max_concurrent_reconciles)
-                .debounce(std::time::Duration::from_millis(500)),
-        );
-    let nodeeni_store = controller.store();
-    let node_mapper = move |node: Node| {
-        // A Node change concerns the NodeENIs that select it now or have ENIs on it.
-        let name = node.name_any();
-        nodeeni_store
-            .state()
-            .iter()
-            .filter(|n| {
-                n.spec.selects(node.labels())
-                    || n.status
-                        .as_ref()
-                        .is_some_and(|s| s.attachments.iter().any(|a| a.node_id == name))
-            })
-            .map(|n| ObjectRef::from_obj(n.as_ref()))
-            .collect::<Vec<_>>()
-    };
-    let trigger_stream = tokio_stream_from(trigger_rx);
-    ready.store(true, Ordering::SeqCst);
-    info!("controller running");
-    controller
-        .watches_stream(tasks::node_changes(node_events), node_mapper)
-        .reconcile_on(trigger_stream)
-        .shutdown_on_signal()
-        .run(reconciler::reconcile, reconciler::error_policy, ctx)
-        .for_each(|res| async move {
-            if let Err(e) = res {
-                match e {
-                    kube::runtime::controller::Error::ObjectNotFound(_) => {}
-                    other => warn!(error = %other, "controller"),
+    // NodeENI watch -> store, and the triggers of every source, coalesced per NodeENI
+    // (see `debounce`) before kube's applier runs them: it holds its runner until the
+    // store is synced and never runs one NodeENI twice at once.
+    let (nodeeni_store, nodeeni_writer) = reflector::store::<NodeENI>();
+    let nodeeni_triggers = watcher(nodeenis, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .reflect(nodeeni_writer)
+        .applied_objects()
+        .filter_map(|res| async move {
+            match res {
+                Ok(n) => Some(ObjectRef::from_obj(&n)),
+                Err(e) => {
+                    warn!(error = %e, "watching NodeENIs");
+                    None
+                }
+            }
+        });
+    let mapper_store = nodeeni_store.clone();
+    let node_triggers = tasks::node_changes(node_events)
+        .filter_map(|res| async move {
+            match res {
+                Ok(node) => Some(node),
+                Err(e) => {
+                    warn!(error = %e, "watching Nodes");
+                    None
                 }
             }
         })
-        .await;
+        .flat_map(move |node| {
+            // A Node change concerns the NodeENIs that select it now or have ENIs on it.
+            let name = node.name_any();
+            let refs: Vec<ObjectRef<NodeENI>> = mapper_store
+                .state()
+                .iter()
+                .filter(|n| {
+                    n.spec.selects(node.labels())
+                        || n.status
+                            .as_ref()
+                            .is_some_and(|s| s.attachments.iter().any(|a| a.node_id == name))
+                })
+                .map(|n| ObjectRef::from_obj(n.as_ref()))
+                .collect();
+            futures::stream::iter(refs)
+        });
+    let triggers = futures::stream::select_all([
+        nodeeni_triggers.boxed(),
+        node_triggers.boxed(),
+        tokio_stream_from(trigger_rx).boxed(),
+    ]);
+    let queue = debounce::coalesced(triggers, args.coalesce_quiet, args.coalesce_max_delay)
+        .map(Ok::<_, std::convert::Infallible>)
+        .take_until(tasks::shutdown_signal());
+    ready.store(true, Ordering::SeqCst);
+    info!("controller running");
+    applier(
+        |obj, ctx| Box::pin(reconciler::reconcile(obj, ctx)),
+        reconciler::error_policy,
+        ctx,
+        nodeeni_store,
+        queue,
+        kube::runtime::controller::Config::default().concurrency(args.max_concurrent_reconciles),
+    )
+    .for_each(|res| async move {
+        if let Err(e) = res {
+            match e {
+                // Deleted before its turn came.
+                kube::runtime::controller::Error::ObjectNotFound(r) => {
+                    tracing::debug!(object = %r, "gone before its reconcile");
+                }
+                other => warn!(error = %other, "controller"),
+            }
+        }
+    })
+    .await;
     info!("controller stopped");
     Ok(())
 }

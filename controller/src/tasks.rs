@@ -277,3 +277,24 @@ pub async fn sweep_orphans<E: Ec2>(
         }
     }
 }
+
+/// Resolves on SIGTERM (the kubelet stopping the Pod) or SIGINT: the reconcile queue
+/// closes, running reconciles finish, and the controller returns.
+pub async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+    info!("shutting down: finishing the running reconciles");
+}

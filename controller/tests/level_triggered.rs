@@ -573,6 +573,52 @@ async fn stale_node_reports_are_pruned_and_deletion_is_clean() {
     );
 }
 
+/// A NodeENI whose status the node daemons keep writing (every report is a watch event)
+/// still gets reconciled: a debounce that restarts on every event would postpone the
+/// reconcile for as long as the reports keep coming (kube's trailing-edge debounce does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "integration: needs kube-apiserver and moto (make test-integration)"]
+async fn nodeeni_under_constant_node_reports_still_converges() {
+    let mut w = World::new().await;
+    w.node("node-1", &[("ng", "multi-eni")]).await;
+    w.start_controller(&[]);
+    let subnet = w.subnets["net-a"].clone();
+    w.apply_nodeeni(&plain("busy", &subnet, 2)).await;
+    w.wait_for("busy", "Ready", ready).await;
+
+    // node-1's daemon reports every 100 ms (a fresh lastUpdated each time).
+    let api = w.nodeenis();
+    let reporter = tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            every.tick().await;
+            let now = k8s_openapi::jiff::Timestamp::now().to_string();
+            let _ = api
+                .patch_status(
+                    "busy",
+                    &PatchParams::apply("eni-manager-node-1").force(),
+                    &Patch::Apply(serde_json::json!({
+                        "apiVersion": "networking.k8s.aws/v1alpha1", "kind": "NodeENI",
+                        "metadata": {"name": "busy"},
+                        "status": {"nodeReports": [{"nodeName": "node-1", "lastUpdated": now}]},
+                    })),
+                )
+                .await;
+        }
+    });
+    w.node("node-2", &[("ng", "multi-eni")]).await;
+    let converged = w
+        .wait_for_long(
+            "busy",
+            "Ready with node-2's ENI while node-1 keeps reporting",
+            Duration::from_secs(60),
+            |o| ready(o) && attachments(o).len() == 2,
+        )
+        .await;
+    reporter.abort();
+    assert_eq!(converged.status.expect("status").attachments.len(), 2);
+}
+
 fn failed_reconciles(w: &World) -> u64 {
     w.metrics
         .reconciles

@@ -198,6 +198,7 @@ async fn reconcile_inner<E: Ec2>(obj: Arc<NodeENI>, ctx: &Context<E>) -> Result<
     let api: Api<NodeENI> = Api::all(ctx.client.clone());
     let deleting = obj.metadata.deletion_timestamp.is_some();
     let has_finalizer = obj.finalizers().iter().any(|f| f == FINALIZER);
+    debug!(deleting, has_finalizer, "reconcile");
     if deleting && !has_finalizer {
         return Ok(Requeue::await_change());
     }
@@ -213,6 +214,7 @@ async fn reconcile_inner<E: Ec2>(obj: Arc<NodeENI>, ctx: &Context<E>) -> Result<
     };
     adopt::adopt(ctx, &obj, &mut outcome).await?;
     let observed = observe(ctx, &obj, &mut outcome).await?;
+    debug!(slots = observed.slots.len(), "observed");
     for (message, _) in &outcome.resolve_errors {
         warn!(error = %message, "cannot resolve a subnet or security group");
     }
@@ -260,6 +262,7 @@ async fn reconcile_inner<E: Ec2>(obj: Arc<NodeENI>, ctx: &Context<E>) -> Result<
         }
     };
 
+    debug!("pass done");
     // Blocked slots wait for someone else's ENI to go: look at their instances afresh
     // on the next pass.
     for (slot, sp) in &plan.slots {
@@ -298,7 +301,15 @@ async fn reconcile_inner<E: Ec2>(obj: Arc<NodeENI>, ctx: &Context<E>) -> Result<
         info!("all ENIs removed; finalizer released");
         return Ok(Requeue::await_change());
     }
-    Ok(next_requeue(ctx, &plan, &outcome))
+    let requeue = next_requeue(ctx, &plan, &outcome);
+    debug!(
+        nodes = ctx.nodes.state().len(),
+        slots = plan.slots.len(),
+        issues = outcome.issues.len(),
+        ?requeue,
+        "reconciled"
+    );
+    Ok(requeue)
 }
 
 /// Before the finalizer goes: whether EC2 still has an ENI of this NodeENI that the
