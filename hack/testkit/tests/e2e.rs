@@ -15,7 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
 use kube::api::{Api, DeleteParams, DynamicObject};
@@ -23,99 +23,10 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::Value;
 
+mod common;
+use common::demo::Demo;
+
 const RESOURCE: &str = "intel.com/intel_sriov_netdevice";
-
-fn repo_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// `$DEMO_BIN_DIR` when set (a shared target directory may hold another checkout's
-/// binaries), else `target/<profile>` of this test binary (`target/<profile>/deps/e2e-<hash>`).
-fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = std::env::var_os("DEMO_BIN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            exe.parent()
-                .and_then(Path::parent)
-                .expect("target/<profile>")
-                .to_path_buf()
-        });
-    for b in ["eni-controller", "eni-manager", "cni-helper"] {
-        assert!(
-            dir.join(b).is_file(),
-            "{} missing: run `make build` (eni-manager needs the eni-node test-util feature: cargo build -p eni-node --bins --features test-util)",
-            dir.join(b).display()
-        );
-    }
-    dir
-}
-
-/// A demo instance; `hack/demo.sh down` runs on drop, also when the test fails.
-struct Demo {
-    dir: tempfile::TempDir,
-    prefix: String,
-    bins: PathBuf,
-}
-
-impl Demo {
-    fn demo_sh(&self, cmd: &str) -> Output {
-        self.demo_sh_args(cmd, &[])
-    }
-
-    fn demo_sh_args(&self, cmd: &str, args: &[&str]) -> Output {
-        Command::new(repo_dir().join("hack/demo.sh"))
-            .arg(cmd)
-            .args(args)
-            .env("DEMO_DIR", self.dir.path())
-            .env("DEMO_PREFIX", &self.prefix)
-            .env("DEMO_BIN_DIR", &self.bins)
-            .env("DEMO_QUIET", "1")
-            .output()
-            .expect("run hack/demo.sh")
-    }
-
-    fn run(&self, cmd: &str) {
-        self.run_with(cmd, &[]);
-    }
-
-    fn run_with(&self, cmd: &str, args: &[&str]) {
-        let out = self.demo_sh_args(cmd, args);
-        assert!(
-            out.status.success(),
-            "hack/demo.sh {cmd} failed:\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn env(&self) -> Value {
-        serde_json::from_slice(&std::fs::read(self.dir.path().join("env.json")).expect("env.json"))
-            .expect("env.json is JSON")
-    }
-}
-
-impl Drop for Demo {
-    fn drop(&mut self) {
-        let out = self.demo_sh("down");
-        if !out.status.success() {
-            eprintln!(
-                "hack/demo.sh down: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        if std::thread::panicking() {
-            // The temp dir goes away: keep the logs for the post-mortem.
-            let keep = std::env::temp_dir().join(format!("{}-logs", self.prefix));
-            let _ = Command::new("cp")
-                .arg("-r")
-                .arg(self.dir.path().join("logs"))
-                .arg(&keep)
-                .status();
-            eprintln!("e2e: demo logs kept in {}", keep.display());
-        }
-    }
-}
 
 fn cmd_json(program: &str, args: &[&str]) -> Value {
     let out = Command::new(program).args(args).output().expect(program);
@@ -147,7 +58,7 @@ fn up_with_mtu(link: &Value, mtu: u64) -> bool {
 /// The ENIs moto knows, as `hack/sim-nitro enis` prints them.
 fn moto_enis(env: &Value) -> Vec<Value> {
     let py = eni_testkit::cache_dir().join("moto-venv/bin/python");
-    let sim = repo_dir().join("hack/sim-nitro");
+    let sim = common::demo::repo_dir().join("hack/sim-nitro");
     let moto = env["moto"].as_str().expect("moto endpoint");
     let v = cmd_json(
         py.to_str().expect("utf-8 path"),
@@ -161,34 +72,12 @@ fn moto_enis(env: &Value) -> Vec<Value> {
     v.as_array().cloned().unwrap_or_default()
 }
 
-/// `kubectl ARGS` against the demo's API server; stdout when it succeeds.
-fn kubectl(env: &Value, args: &[&str]) -> Option<String> {
-    let out = Command::new(eni_testkit::bin_dir().join("kubectl"))
-        .env(
-            "KUBECONFIG",
-            env["kubeconfig"].as_str().expect("kubeconfig"),
-        )
-        .args(args)
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
-/// Runs `cmd` in the pod's container (`kubectl exec`: API server -> kubelet -> containerd).
-fn exec(env: &Value, pod: &str, cmd: &[&str]) -> String {
-    let mut args = vec!["exec", "-n", "default", pod, "--"];
-    args.extend_from_slice(cmd);
-    kubectl(env, &args).unwrap_or_else(|| panic!("kubectl exec {pod} -- {cmd:?} failed"))
-}
-
 /// Asserts what the pod got: `PCIDEVICE_*` env naming one DPDK ENI, its vfio group device
 /// and `/dev/vfio/vfio`, and `net1` with the plain ENI's MAC and MTU 9001. Returns the PCI
 /// address and the container ID.
-fn assert_pod_has_devices(env: &Value, pod: &str, mac: &str) -> (String, String) {
+fn assert_pod_has_devices(demo: &Demo, pod: &str, mac: &str) -> (String, String) {
     let var = "PCIDEVICE_INTEL_COM_INTEL_SRIOV_NETDEVICE";
-    let envs = exec(env, pod, &["env"]);
+    let envs = demo.exec(pod, &["env"]);
     let pci = envs
         .lines()
         .find_map(|l| l.strip_prefix(&format!("{var}=")))
@@ -204,20 +93,19 @@ fn assert_pod_has_devices(env: &Value, pod: &str, mac: &str) -> (String, String)
         .as_str()
         .unwrap_or_else(|| panic!("{pod}: no vfio dev-mount in {info}"))
         .to_string();
-    let dev = exec(env, pod, &["ls", "/dev/vfio"]);
+    let dev = demo.exec(pod, &["ls", "/dev/vfio"]);
     for want in ["vfio", group.trim_start_matches("/dev/vfio/")] {
         assert!(
             dev.split_whitespace().any(|d| d == want),
             "{pod}: /dev/vfio has {dev:?}, not {want}"
         );
     }
-    let links = exec(env, pod, &["ip", "-o", "link", "show", "net1"]);
+    let links = demo.exec(pod, &["ip", "-o", "link", "show", "net1"]);
     assert!(
         links.contains(mac) && links.contains("mtu 9001"),
         "{pod}: net1 is not the ENI {mac} with MTU 9001: {links}"
     );
-    let container = kubectl(
-        env,
+    let container = demo.kubectl(
         &[
             "get",
             "pod",
@@ -279,16 +167,9 @@ fn allocatable(node: &k8s_openapi::api::core::v1::Node) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "integration: root, network namespaces, all peers; runs hack/demo.sh (make test-integration)"]
 async fn demo_flow_nodeeni_to_pod_interface_and_back() {
-    let demo = Demo {
-        dir: tempfile::Builder::new()
-            .prefix("eni-e2e-")
-            .tempdir()
-            .expect("tempdir"),
-        prefix: format!("e2e{}", std::process::id()),
-        bins: bin_dir(),
-    };
+    let demo = Demo::new("e2e", "eni-e2e-", format!("e2e{}", std::process::id()));
     let started = std::time::Instant::now();
-    demo.run("up");
+    demo.run(&["up"]);
     eprintln!("e2e: hack/demo.sh up took {:?}", started.elapsed());
     let env = demo.env();
 
@@ -508,7 +389,7 @@ async fn demo_flow_nodeeni_to_pod_interface_and_back() {
         p.status.as_ref().and_then(|s| s.phase.as_deref()),
         Some("Running")
     );
-    let (dpdk_eni_pci, pod_container) = assert_pod_has_devices(&env, pod_name, pod_mac);
+    let (dpdk_eni_pci, pod_container) = assert_pod_has_devices(&demo, pod_name, pod_mac);
     let status: Value = serde_json::from_str(
         p.metadata
             .annotations
@@ -529,14 +410,16 @@ async fn demo_flow_nodeeni_to_pod_interface_and_back() {
     // Kubelet restart: the device plugin registers again and capacity is back; the
     // running pod is untouched (same container, no restart, net1 still there).
     let restarted = std::time::Instant::now();
-    demo.run_with("kubelet-restart", &[pod_node]);
+    demo.run(&["kubelet-restart", pod_node]);
     // "Back" is when the new kubelet serves `kubectl exec` again (the API server refuses to
     // proxy plain requests to a node whose address resolves to loopback).
     poll(
         "the restarted kubelet serving kubectl exec",
         Duration::from_secs(60),
         || {
-            let ok = kubectl(&env, &["exec", "-n", "default", pod_name, "--", "true"]).is_some();
+            let ok = demo
+                .kubectl(&["exec", "-n", "default", pod_name, "--", "true"])
+                .is_some();
             async move { ok.then_some(()) }
         },
     )
@@ -573,7 +456,7 @@ async fn demo_flow_nodeeni_to_pod_interface_and_back() {
         "e2e: kubelet restart: kubelet answering after {back:?}, capacity {RESOURCE}=1 posted {:?} after that",
         restarted.elapsed().saturating_sub(back)
     );
-    let (_, again) = assert_pod_has_devices(&env, pod_name, pod_mac);
+    let (_, again) = assert_pod_has_devices(&demo, pod_name, pod_mac);
     assert_eq!(again, pod_container, "the pod's container changed");
 
     // Pod deletion: the kubelet runs the CNI DEL (the ENI is back on the node, up with its
@@ -596,8 +479,8 @@ async fn demo_flow_nodeeni_to_pod_interface_and_back() {
         },
     )
     .await;
-    demo.run_with("pod", &["eni-e2e-second"]);
-    let (second_pci, _) = assert_pod_has_devices(&env, "eni-e2e-second", pod_mac);
+    demo.run(&["pod", "eni-e2e-second"]);
+    let (second_pci, _) = assert_pod_has_devices(&demo, "eni-e2e-second", pod_mac);
     assert_eq!(
         second_pci, dpdk_eni_pci,
         "the second pod got another device"
@@ -699,7 +582,7 @@ async fn demo_flow_nodeeni_to_pod_interface_and_back() {
     }
 
     // Down leaves nothing behind.
-    demo.run("down");
+    demo.run(&["down"]);
     let all = String::from_utf8_lossy(
         &Command::new("ip")
             .args(["netns", "list"])
@@ -709,7 +592,7 @@ async fn demo_flow_nodeeni_to_pod_interface_and_back() {
     )
     .into_owned();
     assert!(
-        !all.lines().any(|l| l.starts_with(&demo.prefix)),
+        !all.lines().any(|l| l.starts_with(demo.prefix())),
         "namespaces left: {all}"
     );
     eprintln!("e2e: whole flow took {:?}", started.elapsed());

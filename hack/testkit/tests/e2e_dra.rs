@@ -10,86 +10,12 @@
 //! Needs root, the cached peers (`make peers`: kube-scheduler, helm) and the workspace
 //! binaries (`make build`), like `e2e.rs`.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::time::Duration;
 
 use serde_json::Value;
 
-fn repo_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// `$DEMO_BIN_DIR` when set, else `target/<profile>` of this test binary.
-fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    std::env::var_os("DEMO_BIN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            exe.parent()
-                .and_then(Path::parent)
-                .expect("target/<profile>")
-                .to_path_buf()
-        })
-}
-
-/// A demo instance in its own directory and namespace prefix; `down` on drop.
-struct Demo {
-    dir: tempfile::TempDir,
-    prefix: String,
-}
-
-impl Demo {
-    fn sh(&self, args: &[&str]) -> Output {
-        Command::new(repo_dir().join("hack/demo.sh"))
-            .args(args)
-            .env("DEMO_DIR", self.dir.path())
-            .env("DEMO_PREFIX", &self.prefix)
-            .env("DEMO_BIN_DIR", bin_dir())
-            .env("DEMO_QUIET", "1")
-            .output()
-            .expect("run hack/demo.sh")
-    }
-
-    fn run(&self, args: &[&str]) {
-        let out = self.sh(args);
-        assert!(
-            out.status.success(),
-            "hack/demo.sh {args:?} failed:\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// `kubectl ARGS -o json` against the demo's API server.
-    fn kubectl_json(&self, args: &[&str]) -> Option<Value> {
-        let out = Command::new(eni_testkit::bin_dir().join("kubectl"))
-            .env("KUBECONFIG", self.dir.path().join("kubeconfig"))
-            .args(args)
-            .args(["-o", "json"])
-            .output()
-            .ok()?;
-        out.status
-            .success()
-            .then(|| serde_json::from_slice(&out.stdout).ok())
-            .flatten()
-    }
-}
-
-impl Drop for Demo {
-    fn drop(&mut self) {
-        let _ = self.sh(&["down"]);
-        if std::thread::panicking() {
-            let keep = std::env::temp_dir().join(format!("{}-logs", self.prefix));
-            let _ = Command::new("cp")
-                .arg("-r")
-                .arg(self.dir.path().join("logs"))
-                .arg(&keep)
-                .status();
-            eprintln!("e2e-dra: demo logs kept in {}", keep.display());
-        }
-    }
-}
+mod common;
+use common::demo::Demo;
 
 fn slice_devices(demo: &Demo, node: &str) -> Option<Vec<Value>> {
     let l = demo.kubectl_json(&[
@@ -108,13 +34,7 @@ fn slice_devices(demo: &Demo, node: &str) -> Option<Vec<Value>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "integration: root, network namespaces, all peers; runs hack/demo.sh --dra (make test-integration)"]
 async fn demo_dra_flow_on_real_kubelets() {
-    let demo = Demo {
-        dir: tempfile::Builder::new()
-            .prefix("eni-e2d-")
-            .tempdir()
-            .expect("tempdir"),
-        prefix: format!("e2d{}", std::process::id()),
-    };
+    let demo = Demo::new("e2e-dra", "eni-e2d-", format!("e2d{}", std::process::id()));
     let started = std::time::Instant::now();
     demo.run(&["up", "--dra"]);
     eprintln!(
