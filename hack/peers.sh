@@ -3,7 +3,8 @@
 # Idempotent: a peer is rebuilt only when its pinned module (hack/peers/*/go.mod) changes.
 #
 #   kube-apiserver, kubectl,         Go module proxy (hack/peers/kube)
-#   kubelet, kube-scheduler v1.37.2
+#   kubelet, kube-scheduler,
+#   kube-controller-manager v1.37.2
 #   kubelet-dp harness               the kubelet's device manager (hack/peers/kube/kubelet-dp)
 #   kubelet-dra harness              the kubelet's DRA manager (hack/peers/kube/kubelet-dra)
 #   etcd v3.6                        Go module proxy (hack/peers/etcd)
@@ -74,6 +75,7 @@ if [[ ${1:-} != --print ]]; then
   build_go kubectl kube "$KUBE_LDFLAGS" k8s.io/kubernetes/cmd/kubectl
   build_go kubelet kube "$KUBE_LDFLAGS" k8s.io/kubernetes/cmd/kubelet
   build_go kube-scheduler kube "$KUBE_LDFLAGS" k8s.io/kubernetes/cmd/kube-scheduler
+  build_go kube-controller-manager kube "$KUBE_LDFLAGS" k8s.io/kubernetes/cmd/kube-controller-manager
   if [[ -d $HACK_DIR/peers/kube/kubelet-dp ]]; then
     build_go kubelet-dp kube "-s -w" ./kubelet-dp
   fi
@@ -93,12 +95,13 @@ if [[ ${1:-} != --print ]]; then
   moto_ensure
 fi
 
-ver() { printf '  %-16s %s\n' "$1" "$2"; }
+ver() { printf '  %-24s %s\n' "$1" "$2"; }
 log "peers in $ENI_BIN_DIR"
 ver kube-apiserver "$("$ENI_BIN_DIR/kube-apiserver" --version 2>&1 | head -1)"
 ver kubectl "$("$ENI_BIN_DIR/kubectl" version --client 2>&1 | head -1)"
 ver kubelet "$("$ENI_BIN_DIR/kubelet" --version 2>&1 | head -1)"
 ver kube-scheduler "$("$ENI_BIN_DIR/kube-scheduler" --version 2>&1 | head -1)"
+ver kube-controller-manager "$("$ENI_BIN_DIR/kube-controller-manager" --version 2>&1 | head -1)"
 ver containerd "$(containerd --version 2>&1 | head -1)"
 ver runc "$(runc --version 2>&1 | head -1)"
 ver etcd "$("$ENI_BIN_DIR/etcd" --version 2>&1 | head -1)"
