@@ -1,11 +1,14 @@
 //! The real kube-scheduler allocates devices from the ResourceSlices our publisher
 //! writes: a claim with a CEL selector on our attributes lands on the node whose ENI
-//! matches, a pod asking for `intel.com/intel_sriov_netdevice` in `limits` is served
-//! through the DeviceClass's `extendedResourceName` (KEP-5004), and a pod asking for more
-//! devices than exist stays Pending with the scheduler's reason.
+//! matches, and so does a pod with a ResourceClaimTemplate (its claim made by the real
+//! kube-controller-manager's resourceclaim controller); a pod asking for
+//! `intel.com/intel_sriov_netdevice` in `limits` is served through the DeviceClass's
+//! `extendedResourceName` (KEP-5004); a pod asking for more devices than exist, or for an
+//! unhealthy ENI (the device plugin's health: not in the slice), stays Pending with the
+//! scheduler's reason.
 //!
-//! Integration tier (`make test-integration`): needs kube-apiserver and kube-scheduler
-//! from `hack/peers.sh`. No kubelet: pods are bound, not run.
+//! Integration tier (`make test-integration`): needs kube-apiserver, kube-scheduler and
+//! kube-controller-manager from `hack/peers.sh`. No kubelet: pods are bound, not run.
 
 use std::time::Duration;
 
@@ -15,15 +18,25 @@ use eni_deviceplugin::{BoundDevice, EniDetails};
 use eni_dra::{DEFAULT_DRIVER_NAME, SlicePublisher, slice};
 use eni_testkit::{ApiServer, Child, eventually, free_port, peer};
 use k8s_openapi::api::core::v1::{Node, Pod};
-use k8s_openapi::api::resource::v1::{DeviceClass, ResourceClaim};
+use k8s_openapi::api::resource::v1::{DeviceClass, ResourceClaim, ResourceClaimTemplate};
 use kube::Client;
 use kube::api::{Api, ListParams, PostParams};
 
 const DEADLINE: Duration = Duration::from_secs(90);
+/// kube-scheduler's DynamicResources plugin's message when none of the 3 nodes can satisfy
+/// a pod's claims (its own, or the one made for its extended resource).
+const CANNOT_ALLOCATE: &str = "0/3 nodes are available: 3 cannot allocate all claims.";
 const RESOURCE: &str = "intel.com/intel_sriov_netdevice";
 const NS: &str = "default";
+/// kube-controller-manager's name for the controller that makes claims from templates.
+const RESOURCECLAIM_CONTROLLER: &str = "resourceclaim-controller";
 
 fn entry(pci: &str, eni: &str, index: i32, subnet: &str) -> DeviceEntry {
+    entry_with(pci, eni, index, subnet, true)
+}
+
+/// `present: false` is the device plugin's "PCI device gone" health verdict.
+fn entry_with(pci: &str, eni: &str, index: i32, subnet: &str, present: bool) -> DeviceEntry {
     DeviceEntry::new(
         BoundDevice {
             pci_address: pci.into(),
@@ -42,7 +55,7 @@ fn entry(pci: &str, eni: &str, index: i32, subnet: &str) -> DeviceEntry {
             },
         },
         DeviceFacts {
-            present: true,
+            present,
             driver: Some("vfio-pci".into()),
             iommu_group: Some(index.to_string()),
             noiommu: true,
@@ -105,6 +118,63 @@ async fn publish(client: &Client, node: &str, entries: &[DeviceEntry]) {
     p.sync(owner.as_ref(), &devices)
         .await
         .expect("publish slice");
+}
+
+/// A pod whose claim `eni` comes from the ResourceClaimTemplate `template`.
+fn template_pod(name: &str, template: &str) -> serde_json::Value {
+    let mut p = pod(name, None, None);
+    p["spec"]["resourceClaims"] =
+        serde_json::json!([{"name": "eni", "resourceClaimTemplateName": template}]);
+    p["spec"]["containers"][0]["resources"]["claims"] = serde_json::json!([{"name": "eni"}]);
+    p
+}
+
+/// A ResourceClaimTemplate asking for `count` devices of the chart's DeviceClass matching
+/// the CEL expression `cel`.
+fn template(name: &str, count: u32, cel: &str) -> serde_json::Value {
+    serde_json::json!({"apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaimTemplate",
+        "metadata": {"name": name},
+        "spec": {"spec": {"devices": {"requests": [{"name": "eni", "exactly": {
+            "deviceClassName": "dpdk.eni.networking.k8s.aws",
+            "allocationMode": "ExactCount", "count": count,
+            "selectors": [{"cel": {"expression": cel}}]}}]}}}})
+}
+
+/// The claim the resourceclaim controller made for the pod's claim `eni`.
+async fn generated_claim(pods: &Api<Pod>, name: &str) -> String {
+    eventually(DEADLINE, || async {
+        let st = pods.get(name).await.ok()?.status?.resource_claim_statuses?;
+        st.into_iter()
+            .find(|s| s.name == "eni")?
+            .resource_claim_name
+    })
+    .await
+    .unwrap_or_else(|| panic!("no claim generated for pod {name}"))
+}
+
+/// The pod's `PodScheduled=False` reason and message (it stays Pending).
+async fn unschedulable(pods: &Api<Pod>, name: &str) -> (String, String) {
+    let reason = eventually(DEADLINE, || async {
+        let p = pods.get(name).await.ok()?;
+        let c = p
+            .status?
+            .conditions?
+            .into_iter()
+            .find(|c| c.type_ == "PodScheduled" && c.status == "False")?;
+        Some((c.reason.unwrap_or_default(), c.message.unwrap_or_default()))
+    })
+    .await
+    .unwrap_or_else(|| panic!("pod {name}: no PodScheduled=False"));
+    assert!(
+        pods.get(name)
+            .await
+            .expect("pod")
+            .spec
+            .and_then(|s| s.node_name)
+            .is_none(),
+        "{name} was bound"
+    );
+    reason
 }
 
 fn pod(name: &str, claim: Option<&str>, limit: Option<u32>) -> serde_json::Value {
@@ -171,10 +241,46 @@ async fn scheduler_allocates_from_our_slices() {
         &server.dir().join("kube-scheduler.log"),
     )
     .expect("start kube-scheduler");
+    // Only the resourceclaim controller: it makes a pod's claims from its
+    // ResourceClaimTemplates (and deletes them with the pod).
+    let kcm_port = free_port();
+    let _controller_manager = Child::spawn(
+        "kube-controller-manager",
+        &peer("kube-controller-manager").expect("kube-controller-manager peer"),
+        &[
+            format!("--kubeconfig={}", server.kubeconfig.display()),
+            format!(
+                "--authentication-kubeconfig={}",
+                server.kubeconfig.display()
+            ),
+            format!("--authorization-kubeconfig={}", server.kubeconfig.display()),
+            format!("--controllers={RESOURCECLAIM_CONTROLLER}"),
+            "--leader-elect=false".into(),
+            "--bind-address=127.0.0.1".into(),
+            format!("--secure-port={kcm_port}"),
+            "--v=2".into(),
+        ],
+        &server.dir().join("kube-controller-manager.log"),
+    )
+    .expect("start kube-controller-manager");
 
     // Node a: one ENI in subnet A; node b: two in subnet B.
+    // Node c: one ENI whose PCI device is gone (unhealthy).
     node(&client, "dra-sched-a").await;
     node(&client, "dra-sched-b").await;
+    node(&client, "dra-sched-c").await;
+    publish(
+        &client,
+        "dra-sched-c",
+        &[entry_with(
+            "0000:00:07.0",
+            "eni-0ccccccccccccccc1",
+            2,
+            "subnet-c",
+            false,
+        )],
+    )
+    .await;
     publish(
         &client,
         "dra-sched-a",
@@ -225,9 +331,31 @@ async fn scheduler_allocates_from_our_slices() {
         ("dra-sched-b".to_owned(), "eni-0bbbbbbbbbbbbbbb2".to_owned())
     );
 
-    // Extended-resource mapping: the pod asks in limits, as with the device plugin.
+    // A ResourceClaimTemplate selecting subnet A: kube-controller-manager makes the pod's
+    // claim, the scheduler allocates node a's only ENI and binds the pod there.
+    let templates: Api<ResourceClaimTemplate> = Api::namespaced(client.clone(), NS);
+    create(
+        &templates,
+        template(
+            "eni-subnet-a",
+            1,
+            "device.attributes['eni.networking.k8s.aws'].subnetID == 'subnet-a'",
+        ),
+    )
+    .await;
+    create(&pods, template_pod("template-pod", "eni-subnet-a")).await;
+    assert_eq!(scheduled(&pods, "template-pod").await, "dra-sched-a");
+    let generated = generated_claim(&pods, "template-pod").await;
+    assert_eq!(
+        allocated_pool(&claims, &generated).await,
+        ("dra-sched-a".to_owned(), "eni-0aaaaaaaaaaaaaaa1".to_owned())
+    );
+
+    // Extended-resource mapping: the pod asks in limits, as with the device plugin. The
+    // only healthy device left is node b's first ENI.
     create(&pods, pod("limits-pod", None, Some(1))).await;
     let node_of = scheduled(&pods, "limits-pod").await;
+    assert_eq!(node_of, "dra-sched-b");
     let generated = eventually(DEADLINE, || async {
         let st = pods
             .get("limits-pod")
@@ -239,34 +367,40 @@ async fn scheduler_allocates_from_our_slices() {
     })
     .await
     .expect("extendedResourceClaimStatus");
-    let (pool, device) = allocated_pool(&claims, &generated).await;
-    assert_eq!(pool, node_of, "the device is on the pod's node");
-    assert!(device.starts_with("eni-0"), "{device}");
+    assert_eq!(
+        allocated_pool(&claims, &generated).await,
+        (node_of, "eni-0bbbbbbbbbbbbbbb1".to_owned()),
+        "the device is on the pod's node"
+    );
 
-    // Two devices are left on b, none on a (if limits-pod took a's) or one each: asking for
-    // three on one node can never fit.
+    // Every healthy device is taken: asking for three in limits can never fit.
     create(&pods, pod("greedy-pod", None, Some(3))).await;
-    let reason = eventually(DEADLINE, || async {
-        let p = pods.get("greedy-pod").await.ok()?;
-        let c = p
-            .status?
-            .conditions?
-            .into_iter()
-            .find(|c| c.type_ == "PodScheduled" && c.status == "False")?;
-        Some((c.reason.unwrap_or_default(), c.message.unwrap_or_default()))
-    })
-    .await
-    .expect("PodScheduled=False");
-    assert_eq!(reason.0, "Unschedulable", "{reason:?}");
-    assert!(!reason.1.is_empty(), "{reason:?}");
-    eprintln!("over-ask stays Pending: {}", reason.1);
+    let (reason, message) = unschedulable(&pods, "greedy-pod").await;
+    eprintln!("over-ask in limits stays Pending: {reason}: {message}");
+    assert_eq!(reason, "Unschedulable", "{message}");
+    assert!(message.starts_with(CANNOT_ALLOCATE), "{message}");
+
+    // Node c's ENI is unhealthy: not in its slice, so a claim selecting it by ENI id can
+    // never be allocated, though the device plugin's inventory still lists it.
+    create(
+        &templates,
+        template(
+            "eni-unhealthy",
+            1,
+            "device.attributes['eni.networking.k8s.aws'].eniID == 'eni-0ccccccccccccccc1'",
+        ),
+    )
+    .await;
+    create(&pods, template_pod("unhealthy-pod", "eni-unhealthy")).await;
+    let (reason, message) = unschedulable(&pods, "unhealthy-pod").await;
+    eprintln!("a claim for the unhealthy ENI stays Pending: {reason}: {message}");
+    assert_eq!(reason, "Unschedulable", "{message}");
+    assert!(message.starts_with(CANNOT_ALLOCATE), "{message}");
+    let generated = generated_claim(&pods, "unhealthy-pod").await;
+    let claim = claims.get(&generated).await.expect("claim");
     assert!(
-        pods.get("greedy-pod")
-            .await
-            .expect("pod")
-            .spec
-            .and_then(|s| s.node_name)
-            .is_none()
+        claim.status.and_then(|s| s.allocation).is_none(),
+        "the unhealthy ENI was allocated"
     );
 
     // Clean up what other tests in this binary could trip on.
