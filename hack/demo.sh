@@ -2,8 +2,9 @@
 # The whole of aws-multi-eni on one machine: no AWS account, no cluster.
 #
 #   hack/demo.sh [up]     start everything, apply the sample NodeENIs, run a pod that asks
-#                         for a DPDK ENI in its limits and gets a second ENI through Multus,
-#                         print what happened; leaves it running
+#                         for a DPDK ENI in its limits and gets a second ENI through Multus
+#                         with a VPC address the controller assigned to that ENI (spec.ipam,
+#                         cni-helper as IPAM), print what happened; leaves it running
 #   hack/demo.sh down     delete the demo's pods, stop every process, delete every namespace
 #   hack/demo.sh status   print the NodeENIs, attachments, capacity, the pod and interfaces again
 #   hack/demo.sh kubelet-restart NODE   restart NODE's kubelet (containerd and pods keep running)
@@ -13,7 +14,8 @@
 #                         ENI by CEL that the real kube-scheduler allocates, a pod whose
 #                         kubelet prepares it through eni-manager, and the claim's network data
 #
-# Real binaries: etcd, kube-apiserver, kubectl, moto (EC2), eni-controller, eni-manager
+# Real binaries: etcd, kube-apiserver, kubectl, moto (EC2) behind hack/testkit's EC2 fault
+# layer (ec2-faults: what EC2 does that moto does not), eni-controller, eni-manager
 # (with its device plugin), a real kubelet and containerd + runc per node (hack/testkit's
 # eni-kubelet runs them inside the node's network namespace), Multus (thin plugin, run by
 # containerd), cni-helper and the Debian CNI plugins. The one simulated piece is
@@ -55,6 +57,7 @@ RESOURCE=intel.com/intel_sriov_netdevice
 POD=eni-demo-pod
 POD_IMAGE=localhost/eni-demo/busybox:1.0
 POD_NS=default
+PLAIN_IPAM='{"mode":"secondaryIPs","warmTarget":1,"maximumPerENI":1}'
 KUBECTL=$ENI_BIN_DIR/kubectl
 
 STEP="starting"
@@ -235,7 +238,7 @@ preflight() {
         done
     fi
     local help
-    for b in eni-controller eni-manager cni-helper eni-kubelet; do
+    for b in eni-controller eni-manager cni-helper eni-kubelet ec2-faults; do
         [[ -x $DEMO_BIN_DIR/$b ]] || die "$DEMO_BIN_DIR/$b missing: run make build (or set DEMO_BIN_DIR)"
     done
     help=$("$DEMO_BIN_DIR/eni-manager" --help 2>/dev/null || true)
@@ -243,7 +246,7 @@ preflight() {
         die "$DEMO_BIN_DIR/eni-manager is older than its no-IOMMU flag: run make build (or set DEMO_BIN_DIR)"
     "$DEMO_BIN_DIR/eni-manager" --simulate-pci-kernel=true --help >/dev/null 2>&1 ||
         die "$DEMO_BIN_DIR/eni-manager was built without the test-util feature the demo needs: run make build"
-    for b in host-device ptp host-local static loopback; do
+    for b in host-device ipvlan ptp host-local static loopback; do
         [[ -x $CNI_PLUGINS/$b ]] || die "CNI plugin $CNI_PLUGINS/$b missing (Debian: apt-get install containernetworking-plugins)"
     done
     if [[ -d $PIDS ]] && compgen -G "$PIDS/*.pid" >/dev/null; then
@@ -318,12 +321,20 @@ EOF
 }
 
 start_moto() {
-    step "3/12 moto (EC2 emulator): VPC, subnets multi-eni-a + multi-eni-dpdk, security group, 2 x m5.large (log: $LOGS/moto.log)"
+    step "3/12 moto (EC2 emulator) behind the EC2 fault layer: VPC, subnets multi-eni-a + multi-eni-dpdk, security group, 2 x m5.large (log: $LOGS/moto.log)"
     local port
     port=$(free_port)
     echo "http://127.0.0.1:$port" >"$DEMO_DIR/moto.endpoint"
     start moto "$ENI_CACHE_DIR/moto-venv/bin/moto_server" -H 127.0.0.1 -p "$port"
     wait_for 60 "moto on port $port" python3 -c "import socket; socket.create_connection(('127.0.0.1', $port), 1)"
+    # The controller talks to EC2 through the fault layer (hack/testkit's ec2-faults), which
+    # does what real EC2 does and moto does not: the address-assignment rules (reserved
+    # addresses, per-interface limits, prefixes, the answer shape), ENI limits, rate limits.
+    local fport
+    fport=$(free_port)
+    start ec2-faults "$DEMO_BIN_DIR/ec2-faults" --upstream "http://127.0.0.1:$port" --listen "127.0.0.1:$fport"
+    wait_for 30 "ec2-faults on port $fport (log: $LOGS/ec2-faults.log)" grep -q "listening on" "$LOGS/ec2-faults.log"
+    echo "http://127.0.0.1:$fport" >"$DEMO_DIR/ec2.endpoint"
     "$PY" "$SIM" --endpoint "http://127.0.0.1:$port" --region "$REGION" world \
         --subnet multi-eni-a=10.0.1.0/24 --subnet multi-eni-dpdk=10.0.2.0/24 \
         --security-group multi-eni-demo --instances "${#NODES[@]}" --instance-type m5.large \
@@ -374,7 +385,7 @@ start_sim() {
 start_controller() {
     step "6/12 eni-controller (log: $LOGS/eni-controller.log)"
     start eni-controller env KUBECONFIG="$DEMO_DIR/kubeconfig" CLUSTER_NAME=$CLUSTER AWS_REGION=$REGION \
-        AWS_ENDPOINT_URL_EC2="$(cat "$DEMO_DIR/moto.endpoint")" AWS_ACCESS_KEY_ID=testing \
+        AWS_ENDPOINT_URL_EC2="$(cat "$DEMO_DIR/ec2.endpoint")" AWS_ACCESS_KEY_ID=testing \
         AWS_SECRET_ACCESS_KEY=testing RUST_LOG=info \
         "$DEMO_BIN_DIR/eni-controller" --leader-elect=false --metrics-addr="127.0.0.1:$(free_port)" \
         --in-flight-poll-interval=200ms --resync-period=1m
@@ -385,11 +396,12 @@ start_controller() {
 # The CNI setup containerd uses on every node: Multus (thin plugin) as the only network
 # config, delegating the pod network to ptp; cni-helper and the Debian plugins beside it.
 setup_cni() {
+    vpc_delegate >"$DEMO_DIR/vpc-delegate"
     mkdir -p "$DEMO_DIR/cni-bin"
     ln -sf "$DEMO_BIN_DIR/cni-helper" "$DEMO_DIR/cni-bin/cni-helper"
     ln -sf "$ENI_BIN_DIR/multus" "$DEMO_DIR/cni-bin/multus"
     local p i n
-    for p in host-device ptp host-local static loopback; do
+    for p in host-device ipvlan ptp host-local static loopback; do
         ln -sf "$CNI_PLUGINS/$p" "$DEMO_DIR/cni-bin/$p"
     done
     for i in "${!NODES[@]}"; do
@@ -462,6 +474,23 @@ nodeeni_ready() {
     done
 }
 
+pool_filled() { # pool_filled <node>: the node daemon holds a pod address pool for an ENI
+    jq -e '[.pools // {} | .[] | .addresses[]?] | length > 0' "$DEMO_DIR/$1/run/enis.json"
+}
+
+# ipvlan where the kernel has it (pods share the ENI), host-device otherwise (the ENI moves
+# into the pod): the delegate of the eni-vpc network.
+vpc_delegate() {
+    local ns=$DEMO_PREFIX-probe kind=host-device
+    ip netns add "$ns"
+    if ip -n "$ns" link add pa type veth peer name pb 2>/dev/null &&
+        ip -n "$ns" link add link pa name iv type ipvlan mode l2 2>/dev/null; then
+        kind=ipvlan
+    fi
+    ip netns del "$ns"
+    echo "$kind"
+}
+
 iface_ready() { # iface_ready <netns> <ifname>: up with MTU 9001
     ip -n "$1" -j link show "$2" | jq -e '.[0].mtu == 9001 and (.[0].flags | index("UP"))' >/dev/null
 }
@@ -471,12 +500,17 @@ capacity_is() { # capacity_is <node> <n>
 }
 
 apply_nodeenis() {
-    step "8/12 apply the sample NodeENIs (docs/examples/nodeeni-plain.yaml: MTU 9001; nodeeni-dpdk.yaml: DPDK) and wait for Ready, MTU, capacity (logs: $LOGS/eni-controller.log $LOGS/eni-manager-*.log $LOGS/sim-nitro.log)"
-    kc apply -f "$REPO_DIR/docs/examples/nodeeni-plain.yaml" -f "$REPO_DIR/docs/examples/nodeeni-dpdk.yaml"
+    step "8/12 apply the sample NodeENIs (docs/examples/nodeeni-plain.yaml: MTU 9001, with spec.ipam (a VPC address for the pod using it); nodeeni-dpdk.yaml: DPDK) and wait for Ready, MTU, the address pool, capacity (logs: $LOGS/eni-controller.log $LOGS/eni-manager-*.log $LOGS/sim-nitro.log)"
+    kc apply -f "$REPO_DIR/docs/examples/nodeeni-plain.yaml" -f "$REPO_DIR/docs/examples/nodeeni-dpdk.yaml" >/dev/null
+    # One VPC address per plain ENI, assigned in EC2 by the controller: the pod on that ENI
+    # gets it (docs/ipvlan-vpc.md). With host-device one pod has the whole ENI, so a pool of
+    # one is enough; with ipvlan a bigger warmTarget serves more pods per ENI.
+    kc patch nodeeni multus-plain --type merge -p "{\"spec\":{\"ipam\":$PLAIN_IPAM}}" >/dev/null
     wait_for 90 "both NodeENIs Ready with ${#NODES[@]} attachments each" nodeeni_ready
     local n
     for n in "${NODES[@]}"; do
         wait_for 30 "ens6 up with MTU 9001 in $(node_ns "$n")" iface_ready "$(node_ns "$n")" ens6
+        wait_for 60 "the plain ENI's address pool in $n's state file ($DEMO_DIR/$n/run/enis.json)" pool_filled "$n"
         if [[ $DEMO_DRA == 1 ]]; then
             wait_for 30 "a ResourceSlice with 1 device for $n" slice_devices_is "$n" 1
         else
@@ -601,9 +635,10 @@ metadata:
   name: $1
   namespace: $POD_NS
   annotations:
-    # net1: the plain ENI at device index 1 (cni-helper resolves it to ens6);
-    # net2: the DPDK ENI the kubelet allocated to this pod (Multus passes its PCI address).
-    k8s.v1.cni.cncf.io/networks: eni-host-device, eni-dpdk
+    # net1: the plain ENI at device index 1 (cni-helper resolves it to ens6) with a VPC
+    # address of the ENI's pool; net2: the DPDK ENI the kubelet allocated to this pod
+    # (Multus passes its PCI address).
+    k8s.v1.cni.cncf.io/networks: eni-vpc, eni-dpdk
 spec:
   nodeName: node-1
   terminationGracePeriodSeconds: 1
@@ -618,13 +653,34 @@ spec:
 EOF
 }
 
+vpc_nad() { # vpc_nad <ipvlan|host-device>: the pod's VPC network on the plain ENI (docs/ipvlan-vpc.md)
+    local extra=""
+    [[ $1 == ipvlan ]] && extra='"mode": "l2",'
+    cat <<EOF
+apiVersion: k8s.cni.cncf.io/v1
+kind: NetworkAttachmentDefinition
+metadata:
+  name: eni-vpc
+spec:
+  config: |
+    {
+      "cniVersion": "1.0.0",
+      "name": "eni-vpc",
+      "type": "cni-helper",
+      "deviceIndex": 1,
+      "delegate": {"type": "$1", $extra "ipam": {"type": "cni-helper"}}
+    }
+EOF
+}
+
 pod_running() { # pod_running <name>
     [[ $(kc get pod -n $POD_NS "$1" -o jsonpath='{.status.phase}') == Running ]]
 }
 
 make_pod() {
-    step "10/12 NetworkAttachmentDefinitions (docs/examples/nad-host-device.yaml: device index 1; nad-dpdk.yaml: resourceName) + a Pod on node-1 asking for $RESOURCE: 1 in its limits (kubelet log: $DEMO_DIR/node-1/k/logs/)"
-    kc apply -f "$REPO_DIR/docs/examples/nad-host-device.yaml" -f "$REPO_DIR/docs/examples/nad-dpdk.yaml" >/dev/null
+    step "10/12 NetworkAttachmentDefinitions (eni-vpc: device index 1, $(cat "$DEMO_DIR/vpc-delegate") with cni-helper as IPAM; docs/examples/nad-dpdk.yaml: resourceName) + a Pod on node-1 asking for $RESOURCE: 1 in its limits (kubelet log: $DEMO_DIR/node-1/k/logs/)"
+    vpc_nad "$(cat "$DEMO_DIR/vpc-delegate")" | kc apply -f - >/dev/null
+    kc apply -f "$REPO_DIR/docs/examples/nad-dpdk.yaml" >/dev/null
     pod_manifest $POD | kc apply -f - >/dev/null
     wait_for 60 "pod $POD Running (kubectl describe pod $POD)" pod_running $POD
     show "The NetworkAttachmentDefinitions" kc get network-attachment-definitions \
@@ -637,8 +693,11 @@ print_pod() {
     show "Allocated by our device plugin (kubelet Allocate): the PCIDEVICE_* environment" \
         kc exec -n $POD_NS $POD -- sh -c 'env | grep ^PCIDEVICE_ | sort'
     show "The vfio device nodes the kubelet gave the pod" kc exec -n $POD_NS $POD -- ls -l /dev/vfio
-    show "Interfaces in the pod: eth0 (pod network), net1 (the ENI at device index 1, MTU 9001)" \
+    show "Interfaces in the pod: eth0 (pod network), net1 (the ENI at device index 1, MTU 9001, with a VPC address of its pool)" \
         kc exec -n $POD_NS $POD -- ip addr
+    show "The plain ENIs' address pools (status.attachments[].ipam, assigned in EC2 by the controller)" kc get nodeeni multus-plain -o \
+        'custom-columns=NODE:.status.attachments[*].nodeID,ENI:.status.attachments[*].eniID,POOL:.status.attachments[*].ipam.addresses,IN-USE:.status.attachments[*].ipam.inUse,FREE:.status.attachments[*].ipam.free'
+    show "node-1's allocations (cni-helper, under the node's allocation lock)" jq -c '.allocations[]' "$DEMO_DIR/node-1/run/ipam.json"
     show "The pod's network-status annotation (written by Multus)" \
         kc get pod -n $POD_NS $POD -o jsonpath='{.metadata.annotations.k8s\.v1\.cni\.cncf\.io/network-status}{"\n"}'
 }
@@ -661,9 +720,11 @@ write_env() {
         stateDir: ($dir + "/" + .name + "/run"),
         kubeletDir: ($dir + "/" + .name + "/k")}]' "$DEMO_DIR/nodes.json")
     jq -n --arg dir "$DEMO_DIR" --arg moto "$(cat "$DEMO_DIR/moto.endpoint")" \
+        --arg ec2 "$(cat "$DEMO_DIR/ec2.endpoint")" --arg vpcdelegate "$(cat "$DEMO_DIR/vpc-delegate")" \
         --arg prefix "$DEMO_PREFIX" --arg pod "$POD" --arg image "$POD_IMAGE" \
         --argjson nodes "$nodes" --slurpfile world "$DEMO_DIR/world.json" '{
-        dir: $dir, kubeconfig: ($dir + "/kubeconfig"), moto: $moto, prefix: $prefix,
+        dir: $dir, kubeconfig: ($dir + "/kubeconfig"), moto: $moto, ec2: $ec2, prefix: $prefix,
+        vpcNetwork: {nad: "eni-vpc", delegate: $vpcdelegate},
         resource: "intel.com/intel_sriov_netdevice",
         nodeENIs: {plain: "multus-plain", dpdk: "multus-dpdk"},
         nodes: $nodes,
@@ -686,7 +747,8 @@ summary() {
         say "  - the DPDK ENI (00:07.0) is bound to vfio-pci; the kubelets show $RESOURCE = 1 in capacity"
         say "  - $POD asked for $RESOURCE: 1; the kubelet called our device plugin's Allocate and"
         say "    containerd started it with the PCIDEVICE_* environment and /dev/vfio; Multus (run by"
-        say "    containerd) + cni-helper + host-device gave it the ENI at device index 1 as net1"
+        say "    containerd) + cni-helper + $(cat "$DEMO_DIR/vpc-delegate") gave it the ENI at device index 1 as net1,"
+        say "    with an address the controller assigned to that ENI in EC2 (cni-helper as IPAM)"
     fi
     say ""
     say "Still running, all on 127.0.0.1. Try:"

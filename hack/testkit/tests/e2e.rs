@@ -4,7 +4,12 @@
 //! directory and namespace prefix, so it never collides with a demo someone has running)
 //! and then checks what the demo only prints, through the API server and `kubectl exec`:
 //! real kubelets (one per node, with containerd) report our resource in capacity, run the
-//! pod that asks for it with the device plugin's env and device nodes and the ENI as net1;
+//! pod that asks for it with the device plugin's env and device nodes and the ENI as net1,
+//! with a VPC address of the ENI's pool (issue 17: `spec.ipam` on the NodeENI, the
+//! controller assigning it through the EC2 fault layer, the node daemon's pool, cni-helper
+//! as the IPAM of the host-device delegate Multus runs, or ipvlan where the kernel has it)
+//! that DescribeNetworkInterfaces lists on that ENI, back in the pool after the pod's DEL
+//! and handed to the next pod;
 //! a kubelet restart brings capacity back and leaves the pod alone; after the pod is
 //! deleted the device is free for a second pod. Then the way back: NodeENI deletion,
 //! `hack/demo.sh down`.
@@ -118,6 +123,71 @@ fn assert_pod_has_devices(demo: &Demo, pod: &str, mac: &str) -> (String, String)
     )
     .expect("pod container");
     (pci, container)
+}
+
+/// The IPv4 address of `net1` in the pod (`a.b.c.d/len`).
+fn pod_vpc_address(demo: &Demo, pod: &str) -> String {
+    let out = demo.exec(pod, &["ip", "addr", "show", "dev", "net1"]);
+    out.lines()
+        .find_map(|l| l.trim().strip_prefix("inet "))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("{pod}: no IPv4 address on net1: {out}"))
+        .to_string()
+}
+
+/// The addresses `ipam.json` in a node's state directory holds on `eni`, with the pods
+/// holding them.
+fn allocations(node: &Value, eni: &str) -> BTreeMap<String, String> {
+    let dir = node["stateDir"].as_str().expect("stateDir");
+    let Ok(bytes) = std::fs::read(Path::new(dir).join("ipam.json")) else {
+        return BTreeMap::new();
+    };
+    let v: Value = serde_json::from_slice(&bytes).expect("ipam.json is JSON");
+    v["allocations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|a| a["eniID"] == eni)
+        .filter_map(|a| {
+            Some((
+                a["address"].as_str()?.to_string(),
+                a["podName"].as_str()?.to_string(),
+            ))
+        })
+        .collect()
+}
+
+/// The pool the node daemon keeps for `eni` in its state file (`enis.json` `pools`).
+fn node_pool(node: &Value, eni: &str) -> Vec<String> {
+    let dir = node["stateDir"].as_str().expect("stateDir");
+    let v: Value = serde_json::from_slice(
+        &std::fs::read(Path::new(dir).join("enis.json")).expect("enis.json"),
+    )
+    .expect("enis.json is JSON");
+    v["pools"][eni]["addresses"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a.as_str().map(String::from))
+        .collect()
+}
+
+/// The secondary addresses EC2 lists on `eni` (DescribeNetworkInterfaces through the
+/// fault layer, which models what EC2 does with assigned addresses: the ground truth).
+async fn ec2_secondary_addresses(env: &Value, eni: &str) -> Vec<String> {
+    let ec2 = eni_testkit::ec2_client(env["ec2"].as_str().expect("ec2 endpoint"));
+    let out = ec2
+        .describe_network_interfaces()
+        .network_interface_ids(eni)
+        .send()
+        .await
+        .expect("DescribeNetworkInterfaces");
+    let e = out.network_interfaces().first().expect("the ENI");
+    e.private_ip_addresses()
+        .iter()
+        .filter(|a| a.primary() != Some(true))
+        .filter_map(|a| a.private_ip_address().map(String::from))
+        .collect()
 }
 
 /// UNIX seconds `ago` before now (the kubelet's heartbeats have whole seconds).
@@ -407,6 +477,44 @@ async fn demo_flow_nodeeni_to_pod_interface_and_back() {
         "{status}"
     );
 
+    // Its VPC address (issue 17): the controller assigned it to the ENI net1 sits on (EC2
+    // lists it there), the node daemon put it in the node's pool, cni-helper (the eni-vpc
+    // network's IPAM, run by the delegate Multus ran) recorded it for the pod's container.
+    let (pod_eni, _) = &plain[pod_node];
+    let pod_node_v = nodes
+        .iter()
+        .find(|n| n["name"] == pod_node)
+        .expect("pod node")
+        .clone();
+    let with_len = pod_vpc_address(&demo, pod_name);
+    let (vpc_addr, len) = with_len.split_once('/').expect("address/len");
+    assert_eq!(
+        len, "24",
+        "the subnet's prefix length (multi-eni-a is a /24)"
+    );
+    let vpc_addr = vpc_addr.to_string();
+    assert!(
+        ec2_secondary_addresses(&env, pod_eni)
+            .await
+            .contains(&vpc_addr),
+        "{vpc_addr} is not assigned to {pod_eni} in EC2"
+    );
+    assert!(
+        node_pool(&pod_node_v, pod_eni).contains(&vpc_addr),
+        "{vpc_addr} is not in {pod_node}'s pool of {pod_eni}"
+    );
+    let held = allocations(&pod_node_v, pod_eni);
+    assert_eq!(
+        held.keys().collect::<Vec<_>>(),
+        [&vpc_addr],
+        "{pod_node}'s allocations of {pod_eni}: {held:?}"
+    );
+    assert_eq!(held[&vpc_addr], pod_name, "the holder of {vpc_addr}");
+    eprintln!(
+        "e2e: {pod_name} got {with_len} on {pod_eni} ({} delegate)",
+        env["vpcNetwork"]["delegate"]
+    );
+
     // Kubelet restart: the device plugin registers again and capacity is back; the
     // running pod is untouched (same container, no restart, net1 still there).
     let restarted = std::time::Instant::now();
@@ -479,11 +587,42 @@ async fn demo_flow_nodeeni_to_pod_interface_and_back() {
         },
     )
     .await;
+    // The CNI DEL gave the address back: no allocation holds it, it stays in the pool and
+    // assigned to the ENI in EC2 (a pool of one: nothing to shrink) ...
+    poll(
+        "the pod's address gone from the allocations",
+        Duration::from_secs(20),
+        || {
+            let held = allocations(&pod_node_v, pod_eni);
+            async move { held.is_empty().then_some(()) }
+        },
+    )
+    .await;
+    assert!(
+        node_pool(&pod_node_v, pod_eni).contains(&vpc_addr),
+        "{vpc_addr} left {pod_node}'s pool"
+    );
     demo.run(&["pod", "eni-e2e-second"]);
     let (second_pci, _) = assert_pod_has_devices(&demo, "eni-e2e-second", pod_mac);
     assert_eq!(
         second_pci, dpdk_eni_pci,
         "the second pod got another device"
+    );
+    // ... and the second pod on that ENI gets it again, still assigned to the ENI in EC2.
+    assert_eq!(
+        pod_vpc_address(&demo, "eni-e2e-second"),
+        with_len,
+        "the second pod did not reuse the address"
+    );
+    assert!(
+        ec2_secondary_addresses(&env, pod_eni)
+            .await
+            .contains(&vpc_addr),
+        "{vpc_addr} is no longer assigned to {pod_eni} in EC2"
+    );
+    assert_eq!(
+        allocations(&pod_node_v, pod_eni),
+        BTreeMap::from([(vpc_addr.clone(), "eni-e2e-second".to_string())])
     );
     pods.delete("eni-e2e-second", &DeleteParams::default())
         .await
