@@ -61,12 +61,12 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
     // The current set of DPDK-bound devices: one inventory, split by resource between
     // the kubelet device plugin and the DRA driver (a resource is served one way).
     let (bound_tx, all_rx) = watch::channel::<Vec<BoundDevice>>(Vec::new());
-    let (bound_rx, dra_rx) = split_inventory(all_rx, cfg.dra_resources.clone());
+    let (bound_rx, dra_rx) = split_inventory(all_rx, cfg.dra_served());
     let plugin_shutdown = CancellationToken::new();
     let metrics = Metrics::new();
     let dra = match cfg.dra_config() {
         Some((publisher, plugin)) => {
-            info!(driver = cfg.dra_driver_name, resources = ?cfg.dra_resources, "starting the DRA driver");
+            info!(driver = cfg.dra_driver_name, resources = ?cfg.dra_served(), netdev = ?cfg.netdev_resource(), "starting the DRA driver");
             let probe: Arc<dyn eni_deviceplugin::DeviceProbe> = Arc::new(
                 eni_deviceplugin::SysfsProbe::new(&cfg.sysfs_root, &cfg.dev_root),
             );
@@ -133,7 +133,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
             allow_noiommu: cfg.enable_unsafe_noiommu_mode,
         },
     );
-    let daemon = Daemon::new(
+    let mut daemon = Daemon::new(
         Settings {
             node: cfg.node_name.clone(),
             state_dir: cfg.state_dir.clone(),
@@ -148,6 +148,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
         bound_tx,
         metrics,
     );
+    daemon.set_netdev_resource(cfg.netdev_resource().map(str::to_owned));
     let daemon_run = daemon::run(daemon, client, link_events, cfg.resync_period, shutdown);
     let mut plugin_done = false;
     let result = match device_plugin.as_mut() {

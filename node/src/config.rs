@@ -187,6 +187,13 @@ pub struct Config {
     #[arg(long, env = "ENI_MANAGER_DRA_RESOURCES", value_delimiter = ',', num_args = 0..)]
     pub dra_resources: Vec<String>,
 
+    /// Also publish the ENIs left on their kernel driver (netdev ENIs, for `host-device`)
+    /// through DRA, under this resource name (e.g. `networking.k8s.aws/eni`): a
+    /// DeviceClass selects them by it (`k8s.cni.cncf.io/resourceName`). DRA only: the
+    /// device plugin never advertises netdev ENIs. Empty: not published.
+    #[arg(long, env = "ENI_MANAGER_DRA_ENA_RESOURCE", default_value = "")]
+    pub dra_ena_resource: String,
+
     /// DRA driver name of the ResourceSlices (and of the DeviceClasses that select them).
     #[arg(long, env = "ENI_MANAGER_DRA_DRIVER_NAME", default_value = eni_dra::DEFAULT_DRIVER_NAME)]
     pub dra_driver_name: String,
@@ -241,15 +248,33 @@ impl Config {
         Self::from_arg_matches(&cmd.try_get_matches_from(args)?)
     }
 
-    /// Whether `resource` is served through DRA (`--dra-resources`).
+    /// Whether `resource` is served through DRA (`--dra-resources`,
+    /// `--dra-ena-resource`).
     pub fn serves_through_dra(&self, resource: &str) -> bool {
-        self.dra_resources.iter().any(|r| r == resource)
+        self.dra_served().iter().any(|r| r == resource)
+    }
+
+    /// The netdev ENIs' resource (`--dra-ena-resource`), when set.
+    pub fn netdev_resource(&self) -> Option<&str> {
+        Some(self.dra_ena_resource.as_str()).filter(|r| !r.is_empty())
+    }
+
+    /// Every resource served through DRA: `--dra-resources` and the netdev resource.
+    pub fn dra_served(&self) -> Vec<String> {
+        let mut all = self.dra_resources.clone();
+        if let Some(r) = self
+            .netdev_resource()
+            .filter(|r| !all.iter().any(|a| a == r))
+        {
+            all.push(r.to_owned());
+        }
+        all
     }
 
     /// The DRA driver's slice publisher and kubelet plugin settings (`None` when no
     /// resource is served through DRA).
     pub fn dra_config(&self) -> Option<(eni_dra::PublisherConfig, eni_dra::PluginConfig)> {
-        if self.dra_resources.is_empty() {
+        if self.dra_served().is_empty() {
             return None;
         }
         let mut publisher = eni_dra::PublisherConfig::new(&self.dra_driver_name, &self.node_name);
@@ -480,6 +505,17 @@ mod tests {
         .expect("parses");
         assert_eq!(c.dra_resources, ["a.com/x", "b.com/y"]);
         assert!(c.serves_through_dra("b.com/y") && !c.serves_through_dra("c.com/z"));
+        assert_eq!(c.netdev_resource(), None);
+        let n = Config::try_parse_from([
+            "eni-manager",
+            "--node-name=n1",
+            "--dra-ena-resource=networking.k8s.aws/eni",
+        ])
+        .expect("parses");
+        assert_eq!(n.netdev_resource(), Some("networking.k8s.aws/eni"));
+        assert_eq!(n.dra_served(), ["networking.k8s.aws/eni"]);
+        assert!(n.serves_through_dra("networking.k8s.aws/eni"));
+        assert!(n.dra_config().is_some(), "netdev ENIs alone turn DRA on");
         let c = Config::try_parse_from([
             "eni-manager",
             "--node-name=n1",

@@ -70,6 +70,8 @@ pub struct Daemon {
     releasing: BTreeSet<String>,
     /// Per ENI id, what its NodeENI says about it (published with the devices).
     details: BTreeMap<String, EniDetails>,
+    /// Resource the netdev ENIs are published under (DRA only); `None`: not published.
+    netdev_resource: Option<String>,
 }
 
 /// What one reconcile did.
@@ -121,6 +123,7 @@ impl Daemon {
             in_flight: InFlight::default(),
             releasing: BTreeSet::new(),
             details: BTreeMap::new(),
+            netdev_resource: None,
         };
         daemon.publish_bound();
         daemon
@@ -137,30 +140,21 @@ impl Daemon {
         self.details = details;
     }
 
+    /// Also publishes the ENIs still on their kernel driver (netdev ENIs) under
+    /// `resource` (`None`: DPDK-bound ENIs only); see
+    /// [`crate::inventory::bound_devices`].
+    pub fn set_netdev_resource(&mut self, resource: Option<String>) {
+        self.netdev_resource = resource;
+        self.publish_bound();
+    }
+
     fn publish_bound(&self) {
-        let mut devices: Vec<BoundDevice> =
-            self.state
-                .enis
-                .iter()
-                .filter(|e| e.dpdk_bound)
-                .filter_map(|e| {
-                    Some(BoundDevice {
-                        pci_address: e.pci_address.clone()?,
-                        resource_name: e.resource_name.clone()?,
-                        driver: e.driver.clone()?,
-                        eni_id: e.eni_id.clone(),
-                        mac_address: e.mac_address.clone(),
-                        device_index: e.device_index,
-                        releasing: self.releasing.contains(e.pci_address.as_deref()?),
-                        details: self.details.get(&e.eni_id).cloned().unwrap_or_else(|| {
-                            EniDetails {
-                                node_eni: e.node_eni.clone(),
-                                ..EniDetails::default()
-                            }
-                        }),
-                    })
-                })
-                .collect();
+        let mut devices = crate::inventory::bound_devices(
+            &self.state.enis,
+            &self.releasing,
+            &self.details,
+            self.netdev_resource.as_deref(),
+        );
         devices.sort();
         self.bound_tx.send_if_modified(|cur| {
             if *cur == devices {

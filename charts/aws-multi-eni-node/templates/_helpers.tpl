@@ -41,3 +41,17 @@ capabilities:
 {{- end -}}
 {{- join "," $names -}}
 {{- end -}}
+
+{{/* The dra.resources entry with netdev: true (the ENIs left on ena), if any. */}}
+{{- define "eni-manager.draNetdevResource" -}}
+{{- $netdev := list -}}
+{{- range .Values.dra.resources -}}
+{{- if .netdev -}}
+{{- $netdev = append $netdev .resourceName -}}
+{{- end -}}
+{{- end -}}
+{{- if gt (len $netdev) 1 -}}
+{{- fail "dra.resources: at most one entry may set netdev: true" -}}
+{{- end -}}
+{{- join "" $netdev -}}
+{{- end -}}

@@ -201,6 +201,26 @@ mod tests {
     }
 
     #[test]
+    fn netdev_eni_gets_env_and_no_device_node() {
+        let mut e = entry("0000:00:09.0", "9");
+        e.device.driver = "ena".into();
+        e.device.resource_name = "networking.k8s.aws/eni".into();
+        e.facts.driver = Some("ena".into());
+        e.facts.iommu_group = None;
+        e.facts.group_device_present = false;
+        let e = DeviceEntry::new(e.device, e.facts);
+        assert!(e.health.is_healthy(), "{:?}", e.health);
+        let s = spec("eni.networking.k8s.aws", &[&e]);
+        assert!(s.container_edits.device_nodes.is_empty(), "{s:?}");
+        assert!(s.devices[0].container_edits.device_nodes.is_empty());
+        assert_eq!(s.devices[0].name, "0000:00:09.0");
+        assert_eq!(
+            s.container_edits.env[0],
+            "PCIDEVICE_NETWORKING_K8S_AWS_ENI=0000:00:09.0"
+        );
+    }
+
+    #[test]
     fn spec_matches_the_device_plugin() {
         let (a, b) = (entry("0000:00:07.0", "3"), entry("0000:00:08.0", "4"));
         let s = spec("eni.networking.k8s.aws", &[&a, &b]);

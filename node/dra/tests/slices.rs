@@ -21,6 +21,10 @@ use kube::api::{DeleteParams, ListParams, PostParams};
 use tokio::sync::watch;
 
 const DEADLINE: Duration = Duration::from_secs(30);
+/// The PCI address of the test's netdev (ena) ENI.
+const NETDEV_PCI: &str = "0000:00:09.0";
+/// The resource the netdev ENIs are published under (`--dra-ena-resource`).
+const NETDEV_RESOURCE: &str = "networking.k8s.aws/eni";
 
 /// Host facts for the test's devices: healthy vfio devices unless marked gone.
 #[derive(Debug, Default)]
@@ -32,6 +36,15 @@ impl DeviceProbe for Facts {
     fn probe(&self, pci: &str) -> DeviceFacts {
         if self.gone.lock().expect("lock").iter().any(|g| g == pci) {
             return DeviceFacts::default();
+        }
+        if pci == NETDEV_PCI {
+            // An ENI left on ena: no VFIO group.
+            return DeviceFacts {
+                present: true,
+                driver: Some("ena".into()),
+                numa_node: Some(0),
+                ..DeviceFacts::default()
+            };
         }
         DeviceFacts {
             present: true,
@@ -201,6 +214,34 @@ async fn slices_follow_the_inventory_and_go_with_the_daemon() {
     )
     .await;
 
+    // A netdev ENI (left on ena, `--dra-ena-resource`): published beside the DPDK
+    // ones, with driver ena and dpdk false, and a DeviceClass selecting it by resource.
+    let mut with_netdev = tx.borrow().clone();
+    let mut netdev = device(NETDEV_PCI, "eni-0aaaaaaaaaaaaaaa9", 9);
+    netdev.driver = "ena".into();
+    netdev.resource_name = NETDEV_RESOURCE.into();
+    with_netdev.push(netdev);
+    tx.send_replace(with_netdev);
+    let s = wait_devices(
+        &api,
+        node,
+        &[
+            "eni-0aaaaaaaaaaaaaaa1",
+            "eni-0aaaaaaaaaaaaaaa2",
+            "eni-0aaaaaaaaaaaaaaa9",
+        ],
+    )
+    .await;
+    let d = &s.spec.devices.expect("devices")[2];
+    let a: &BTreeMap<_, _> = d.attributes.as_ref().expect("attributes");
+    let string = |k: &str| a[k].string.clone().unwrap_or_default();
+    assert_eq!(string(attr::DRIVER), "ena");
+    assert_eq!(a[attr::DPDK].bool, Some(false));
+    assert_eq!(string(slice::ATTR_PCI_BUS_ID), NETDEV_PCI);
+    assert_eq!(string(slice::ATTR_MULTUS_DEVICE_ID), NETDEV_PCI);
+    assert_eq!(string(slice::ATTR_MULTUS_RESOURCE_NAME), NETDEV_RESOURCE);
+    assert_eq!(string(attr::VPC_ID), "vpc-0123456789abcdef0");
+
     // A DeviceClass as the node chart renders it: extendedResourceName and a CEL
     // selector on our attributes (created, so the server validated both).
     let classes: Api<DeviceClass> = Api::all(client.clone());
@@ -222,6 +263,21 @@ async fn slices_follow_the_inventory_and_go_with_the_daemon() {
         .delete("dra-slices-test-class", &DeleteParams::default())
         .await
         .expect("delete DeviceClass");
+    let netdev_class: DeviceClass = serde_json::from_value(serde_json::json!({
+        "apiVersion": "resource.k8s.io/v1", "kind": "DeviceClass",
+        "metadata": {"name": "dra-slices-test-netdev"},
+        "spec": {"selectors": [{"cel": {"expression": format!(
+            "device.driver == 'eni.networking.k8s.aws' && device.attributes['k8s.cni.cncf.io'].resourceName == '{NETDEV_RESOURCE}' && !device.attributes['eni.networking.k8s.aws'].dpdk")}}]}
+    }))
+    .expect("class");
+    classes
+        .create(&PostParams::default(), &netdev_class)
+        .await
+        .expect("create the netdev DeviceClass");
+    classes
+        .delete("dra-slices-test-netdev", &DeleteParams::default())
+        .await
+        .expect("delete the netdev DeviceClass");
 
     // Shutdown removes the node's slices.
     shutdown.cancel();
