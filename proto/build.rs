@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "kubelet/pluginregistration/v1/api.proto",
         "kubelet/podresources/v1/api.proto",
         "kubelet/dra/v1/api.proto",
+        "kubelet/dra/v1beta1/api.proto",
     ];
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);

@@ -7,7 +7,8 @@
 //! * [`podresources::v1`]: the kubelet's PodResources API (`List`: which devices the
 //!   running pods hold), served on the kubelet's pod-resources socket.
 //! * [`dra::v1`]: the kubelet DRA plugin API (`NodePrepareResources`,
-//!   `NodeUnprepareResources`), served by a DRA driver on its `dra.sock`.
+//!   `NodeUnprepareResources`), served by a DRA driver on its `dra.sock`; [`dra::v1beta1`]
+//!   the same for kubelets before 1.34.
 //!
 //! The `.proto` files live in `proto/kubelet/` and are compiled at build time with a
 //! vendored `protoc`, so no system protobuf compiler is needed.
@@ -71,5 +72,15 @@ pub mod dra {
         pub const SERVICE: &str = "v1.DRAPlugin";
         /// Default directory of the kubelet's plugin sockets (`<dir>/<driver>/dra.sock`).
         pub const PLUGINS_PATH: &str = "/var/lib/kubelet/plugins";
+    }
+
+    /// `k8s.io.kubelet.pkg.apis.dra.v1beta1`: the same messages as [`v1`] (without
+    /// `Device.share_id`), spoken by kubelets before 1.34.
+    #[allow(missing_docs, clippy::all, missing_debug_implementations)]
+    pub mod v1beta1 {
+        tonic::include_proto!("k8s.io.kubelet.pkg.apis.dra.v1beta1");
+
+        /// Service name advertised in `PluginInfo.supported_versions`.
+        pub const SERVICE: &str = "v1beta1.DRAPlugin";
     }
 }

@@ -1,6 +1,6 @@
-//! The kubelet DRA plugin: gRPC `v1.DRAPlugin` on `<kubelet>/plugins/<driver>/dra.sock`,
-//! registered through the kubelet's plugin watcher (`<driver>-reg.sock` in
-//! `plugins_registry`, type `DRAPlugin`).
+//! The kubelet DRA plugin: gRPC `v1.DRAPlugin` (and `v1beta1.DRAPlugin`, for kubelets
+//! before 1.34) on `<kubelet>/plugins/<driver>/dra.sock`, registered through the
+//! kubelet's plugin watcher (`<driver>-reg.sock` in `plugins_registry`, type `DRAPlugin`).
 //!
 //! NodePrepareResources reads each claim, refuses devices that are not this node's (or
 //! are unhealthy), writes one CDI spec file per claim and the Multus device-info files,
@@ -18,6 +18,7 @@ use std::time::Duration;
 use eni_deviceplugin::snapshot::{DeviceEntry, Snapshot};
 use eni_deviceplugin::{BoundDevice, CancellationToken, DeviceProbe, alloc};
 use eni_proto::dra::v1 as api;
+use eni_proto::dra::v1beta1 as api_beta;
 use eni_proto::pluginregistration::v1 as reg;
 use k8s_openapi::api::resource::v1::{AllocatedDeviceStatus, ResourceClaim};
 use kube::api::{Patch, PatchParams};
@@ -51,6 +52,9 @@ pub struct PluginConfig {
     /// Period of the check that both sockets still exist (they are served again when
     /// someone removed them).
     pub socket_check_interval: Duration,
+    /// The gRPC services advertised to the kubelet (`PluginInfo.supported_versions`),
+    /// preferred first: the kubelet uses the first it knows. Both are always served.
+    pub services: Vec<String>,
 }
 
 impl PluginConfig {
@@ -64,6 +68,7 @@ impl PluginConfig {
             cdi_dir: PathBuf::from(cdi::DEFAULT_CDI_DIR),
             devinfo_dir: PathBuf::from("/var/run/k8s.cni.cncf.io/devinfo/dp"),
             socket_check_interval: Duration::from_secs(1),
+            services: vec![api::SERVICE.to_owned(), api_beta::SERVICE.to_owned()],
         }
     }
 
@@ -424,11 +429,48 @@ impl api::dra_plugin_server::DraPlugin for DraService {
     }
 }
 
+/// `v1beta1` and `v1` messages have the same fields and numbers (`v1` adds
+/// `Device.share_id`, which we never set), so one is the other re-read.
+fn transcode<A: prost::Message, B: prost::Message + Default>(a: &A) -> Result<B, Status> {
+    B::decode(a.encode_to_vec().as_slice())
+        .map_err(|e| Status::internal(format!("DRA v1beta1 <-> v1 message: {e}")))
+}
+
+/// The `v1beta1.DRAPlugin` gRPC service: [`DraService`] for kubelets before 1.34.
+#[derive(Clone, Debug)]
+pub struct DraServiceV1beta1(pub DraService);
+
+#[tonic::async_trait]
+impl api_beta::dra_plugin_server::DraPlugin for DraServiceV1beta1 {
+    async fn node_prepare_resources(
+        &self,
+        request: Request<api_beta::NodePrepareResourcesRequest>,
+    ) -> Result<Response<api_beta::NodePrepareResourcesResponse>, Status> {
+        let req: api::NodePrepareResourcesRequest = transcode(request.get_ref())?;
+        let resp =
+            api::dra_plugin_server::DraPlugin::node_prepare_resources(&self.0, Request::new(req))
+                .await?;
+        Ok(Response::new(transcode(resp.get_ref())?))
+    }
+
+    async fn node_unprepare_resources(
+        &self,
+        request: Request<api_beta::NodeUnprepareResourcesRequest>,
+    ) -> Result<Response<api_beta::NodeUnprepareResourcesResponse>, Status> {
+        let req: api::NodeUnprepareResourcesRequest = transcode(request.get_ref())?;
+        let resp =
+            api::dra_plugin_server::DraPlugin::node_unprepare_resources(&self.0, Request::new(req))
+                .await?;
+        Ok(Response::new(transcode(resp.get_ref())?))
+    }
+}
+
 /// The plugin-watcher `Registration` service of the driver.
 #[derive(Clone, Debug)]
 pub struct DraRegistration {
     driver: String,
     endpoint: String,
+    services: Vec<String>,
 }
 
 #[tonic::async_trait]
@@ -441,7 +483,7 @@ impl reg::registration_server::Registration for DraRegistration {
             r#type: reg::DRA_PLUGIN.to_owned(),
             name: self.driver.clone(),
             endpoint: self.endpoint.clone(),
-            supported_versions: vec![api::SERVICE.to_owned()],
+            supported_versions: self.services.clone(),
         }))
     }
 
@@ -501,13 +543,18 @@ fn serve_once(driver: &Arc<Driver>, cancel: &CancellationToken) -> Result<Servin
         file_id(&reg_path)
             .ok_or_else(|| Error::io("stat", &reg_path, std::io::ErrorKind::NotFound.into()))?,
     ];
-    let dra_router = Server::builder().add_service(api::dra_plugin_server::DraPluginServer::new(
-        DraService(driver.clone()),
-    ));
+    let dra_router = Server::builder()
+        .add_service(api::dra_plugin_server::DraPluginServer::new(DraService(
+            driver.clone(),
+        )))
+        .add_service(api_beta::dra_plugin_server::DraPluginServer::new(
+            DraServiceV1beta1(DraService(driver.clone())),
+        ));
     let reg_router = Server::builder().add_service(
         reg::registration_server::RegistrationServer::new(DraRegistration {
             driver: cfg.driver.clone(),
             endpoint: dra_path.to_string_lossy().into_owned(),
+            services: cfg.services.clone(),
         }),
     );
     // Both are dialled by grpc-go with the socket path as :authority: through the shim.

@@ -244,16 +244,18 @@ async fn kubelets_dra_manager_prepares_through_our_driver() {
         rx.clone(),
         shutdown.clone(),
     ));
-    let start_driver = || {
+    let start_driver_with = |services: &[&str]| {
         let claims = Arc::new(KubeClaims::new(client.clone(), DEFAULT_DRIVER_NAME));
-        let driver =
-            Driver::new(d.cfg.clone(), claims, Arc::new(Healthy), rx.clone()).expect("driver");
+        let mut cfg = d.cfg.clone();
+        cfg.services = services.iter().map(|s| (*s).to_owned()).collect();
+        let driver = Driver::new(cfg, claims, Arc::new(Healthy), rx.clone()).expect("driver");
         let stop = shutdown.child_token();
         (
             stop.clone(),
             tokio::spawn(eni_dra::plugin::serve(Arc::new(driver), stop)),
         )
     };
+    let start_driver = || start_driver_with(&["v1.DRAPlugin", "v1beta1.DRAPlugin"]);
     let (stop, task) = start_driver();
 
     // The kubelet's plugin manager finds our registration socket; its DRA manager
@@ -264,7 +266,10 @@ async fn kubelets_dra_manager_prepares_through_our_driver() {
         reg["endpoint"],
         d.cfg.dra_socket().to_string_lossy().as_ref()
     );
-    assert_eq!(reg["versions"], json!(["v1.DRAPlugin"]));
+    assert_eq!(
+        reg["versions"],
+        json!(["v1.DRAPlugin", "v1beta1.DRAPlugin"])
+    );
 
     // The kubelet wipes the node's slices when it starts: ours comes back.
     let slices: Api<ResourceSlice> = Api::all(client.clone());
@@ -342,14 +347,20 @@ async fn kubelets_dra_manager_prepares_through_our_driver() {
         .await
         .expect("slice back after the kubelet's wipe");
 
-    // Our daemon restarts: deregistered, registered again; the checkpoint answers.
+    // Our daemon restarts: deregistered, registered again; the checkpoint answers. This
+    // time it offers only v1beta1.DRAPlugin (what a kubelet before 1.34 would use): the
+    // kubelet's own v1beta1 client unprepares.
     stop.cancel();
     task.await.expect("task").expect("serve");
     k.expect("deregistered", |v| v["event"] == "deregistered")
         .await;
-    let (stop, task) = start_driver();
-    k.expect("registered after the driver restart", registered)
+    let (stop, task) = start_driver_with(&["v1beta1.DRAPlugin"]);
+    let reg = k
+        .expect("registered after the driver restart", registered)
         .await;
+    assert_eq!(reg["versions"], json!(["v1beta1.DRAPlugin"]));
+    let beta = k.command(&format!("prepare {NS}/dra-kubelet-pod")).await;
+    assert_eq!(beta["response"], r["response"], "through v1beta1: {beta}");
 
     // Unprepare through the kubelet: our files and status entries go.
     let u = k.command(&format!("unprepare {NS}/dra-kubelet-pod")).await;
@@ -365,6 +376,18 @@ async fn kubelets_dra_manager_prepares_through_our_driver() {
     })
     .await
     .expect("status.devices cleared");
+
+    // Back to both services: the kubelet takes v1 again.
+    stop.cancel();
+    task.await.expect("task").expect("serve");
+    k.expect("deregistered", |v| v["event"] == "deregistered")
+        .await;
+    let (stop, task) = start_driver();
+    let reg = k.expect("registered with v1 and v1beta1", registered).await;
+    assert_eq!(
+        reg["versions"],
+        json!(["v1.DRAPlugin", "v1beta1.DRAPlugin"])
+    );
 
     // Prepare latency through the kubelet's DRA manager (reads the claim, calls our
     // driver, which reads the claim, writes CDI + device-info + checkpoint + status).

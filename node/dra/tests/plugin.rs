@@ -14,6 +14,7 @@ use eni_deviceplugin::device::DeviceFacts;
 use eni_deviceplugin::{BoundDevice, CancellationToken, DeviceProbe, EniDetails, connect_unix};
 use eni_dra::{DEFAULT_DRIVER_NAME, Driver, KubeClaims, PluginConfig};
 use eni_proto::dra::v1 as api;
+use eni_proto::dra::v1beta1 as beta;
 use eni_proto::pluginregistration::v1 as reg;
 use eni_testkit::{ApiServer, eventually};
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
@@ -278,7 +279,11 @@ async fn prepare_unprepare_restart_and_claim_status() {
     assert_eq!(info.r#type, "DRAPlugin");
     assert_eq!(info.name, DEFAULT_DRIVER_NAME);
     assert_eq!(info.endpoint, dra_sock.to_string_lossy());
-    assert_eq!(info.supported_versions, ["v1.DRAPlugin"]);
+    assert_eq!(
+        info.supported_versions,
+        ["v1.DRAPlugin", "v1beta1.DRAPlugin"],
+        "v1 first: the kubelet takes the first it knows"
+    );
 
     // Prepare: CDI IDs, the spec file, device-info, and the claim's network data.
     let c1 = allocated_claim(&admin, "dra-plugin-c1", &[(NODE, "eni-0aaaaaaaaaaaaaaa2")]).await;
@@ -344,6 +349,47 @@ async fn prepare_unprepare_restart_and_claim_status() {
     // Idempotent: the same answer again.
     assert_eq!(prepare(&dra_sock, &r1).await, got);
 
+    // The same service as v1beta1.DRAPlugin (kubelets before 1.34): the same answer.
+    let ch = eventually(DEADLINE, || async { connect_unix(&dra_sock).await.ok() })
+        .await
+        .expect("connect to dra.sock");
+    let mut beta = beta::dra_plugin_client::DraPluginClient::new(ch);
+    let claim_beta = |c: &api::Claim| beta::Claim {
+        namespace: c.namespace.clone(),
+        uid: c.uid.clone(),
+        name: c.name.clone(),
+    };
+    let b = beta
+        .node_prepare_resources(beta::NodePrepareResourcesRequest {
+            claims: vec![claim_beta(&r1)],
+        })
+        .await
+        .expect("v1beta1 NodePrepareResources")
+        .into_inner();
+    let b = &b.claims[&r1.uid];
+    assert_eq!(b.error, "");
+    let bd: Vec<(&str, &str, &[String], &[String])> = b
+        .devices
+        .iter()
+        .map(|d| {
+            (
+                d.pool_name.as_str(),
+                d.device_name.as_str(),
+                &d.request_names[..],
+                &d.cdi_device_ids[..],
+            )
+        })
+        .collect();
+    assert_eq!(
+        bd,
+        [(
+            NODE,
+            "eni-0aaaaaaaaaaaaaaa2",
+            &["eni".to_owned()][..],
+            &["eni.networking.k8s.aws/eni=0000:00:08.0".to_owned()][..]
+        )]
+    );
+
     // Refusals: a device of another node's pool, a device this node does not have.
     let c2 = allocated_claim(
         &admin,
@@ -398,6 +444,22 @@ async fn prepare_unprepare_restart_and_claim_status() {
     .await
     .expect("status.devices cleared");
     assert_eq!(unprepare(&dra_sock, &r1).await, "");
+    // And through v1beta1.
+    let ch = eventually(DEADLINE, || async { connect_unix(&dra_sock).await.ok() })
+        .await
+        .expect("connect to dra.sock");
+    let b = beta::dra_plugin_client::DraPluginClient::new(ch)
+        .node_unprepare_resources(beta::NodeUnprepareResourcesRequest {
+            claims: vec![beta::Claim {
+                namespace: r1.namespace.clone(),
+                uid: r1.uid.clone(),
+                name: r1.name.clone(),
+            }],
+        })
+        .await
+        .expect("v1beta1 NodeUnprepareResources")
+        .into_inner();
+    assert_eq!(b.claims[&r1.uid].error, "");
 
     // Prepare latency of the driver alone (gRPC on dra.sock; reads the claim, writes CDI
     // spec, device-info, checkpoint and the claim status), over prepare/unprepare cycles.
