@@ -226,8 +226,10 @@ pub(super) async fn run_slot_chain<E: Ec2>(
     // Bounded by actions (a slot needs at most create, attach and three modifications,
     // plus a retry with a new token) and by how long it waits for EC2, not by wake-ups:
     // the poller wakes every waiting chain after each poll.
+    // The wait for EC2 is timed from the action it waits on: a chain may queue for its
+    // first token for minutes in bulk provisioning, which is not EC2 being slow.
     let mut actions = 0;
-    let deadline = tokio::time::Instant::now() + ATTACH_WAIT;
+    let mut deadline = None;
     loop {
         // Register interest before looking, so a change in between is not missed.
         let changed = ctx.inventory_changed.notified();
@@ -241,9 +243,12 @@ pub(super) async fn run_slot_chain<E: Ec2>(
                 execute_slot_action(ctx, obj, slot, settings, action, tokens)
                     .await
                     .map_err(|(msg, reason)| (slot.node.clone(), msg, reason))?;
+                deadline = Some(tokio::time::Instant::now() + ATTACH_WAIT);
             }
             Step::Wait if sp.status == AttachmentStatus::Attaching => {
-                if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                let until =
+                    *deadline.get_or_insert_with(|| tokio::time::Instant::now() + ATTACH_WAIT);
+                if tokio::time::timeout_at(until, changed).await.is_err() {
                     return Ok(());
                 }
             }
@@ -261,9 +266,11 @@ pub(super) async fn run_removal_chain<E: Ec2>(
 ) -> Result<(), (String, String, &'static str)> {
     // Bounded by actions (detach, forced detach, delete) and by a deadline past the
     // detachment timeout, not by wake-ups.
+    // Like the slot chain's, the wait is timed from the last action, not from the chain's
+    // start (which may be long before its first token).
+    let wait = ATTACH_WAIT.max(ctx.config.detach_timeout + Duration::from_secs(1));
     let mut actions = 0;
-    let deadline = tokio::time::Instant::now()
-        + ATTACH_WAIT.max(ctx.config.detach_timeout + Duration::from_secs(1));
+    let mut deadline = tokio::time::Instant::now() + wait;
     loop {
         let changed = ctx.inventory_changed.notified();
         tokio::pin!(changed);
@@ -283,6 +290,7 @@ pub(super) async fn run_removal_chain<E: Ec2>(
             Step::Act(action) => {
                 actions += 1;
                 run_removal(ctx, obj, eni_id, action).await?;
+                deadline = tokio::time::Instant::now() + wait;
             }
             Step::Wait => {
                 // Wake when the poller sees the detach finish, or when the detachment
