@@ -13,8 +13,13 @@
 //!
 //! Entry points: the `soak-controller` binary (`--help`), and the short run in
 //! `controller/tests/soak.rs` (part of `make test`).
+//!
+//! [`ipam`] is the same idea for pod address pools (issue 17): the controller, the node
+//! daemon and cni-helper under kill -9 (the `soak-ipam` binary, and the short run in
+//! `tests/ipam.rs`).
 
 pub mod check;
+pub mod ipam;
 pub mod link;
 pub mod ops;
 pub mod run;
