@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata};
 use aws_sdk_ec2::types::{
     Filter, InstanceType, NetworkInterface, ResourceType, Tag, TagSpecification,
 };
@@ -162,6 +163,18 @@ fn tag(k: &str, v: &str) -> Tag {
 
 fn ec2_err(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Ec2(format!("{what}: {e}"))
+}
+
+/// An out-of-band change that lost a race with the controller: the attachment or the ENI
+/// it listed a moment ago is already gone or on its way (the op was not applied).
+fn lost_race<E: ProvideErrorMetadata>(e: &aws_sdk_ec2::error::SdkError<E>) -> bool {
+    e.as_service_error()
+        .and_then(|s| s.code())
+        .is_some_and(|c| {
+            c.ends_with(".NotFound")
+                || c == "IncorrectState"
+                || c == "InvalidNetworkInterface.InUse"
+        })
 }
 
 impl World {
@@ -830,12 +843,20 @@ impl World {
             .attachment()
             .and_then(|a| a.attachment_id())
             .unwrap_or_default();
-        self.ec2
+        match self
+            .ec2
             .detach_network_interface()
             .attachment_id(att)
             .send()
             .await
-            .map_err(|e| ec2_err("out-of-band detach", e))?;
+        {
+            Ok(_) => {}
+            Err(e) if lost_race(&e) => {
+                info!(eni = %id, error = %DisplayErrorContext(&e), "out-of-band detach lost a race with the controller");
+                return Ok(None);
+            }
+            Err(e) => return Err(ec2_err("out-of-band detach", DisplayErrorContext(e))),
+        }
         *self.model.oob_detaches.entry(id.clone()).or_default() += 1;
         Ok(Some(id))
     }
@@ -849,20 +870,35 @@ impl World {
         let eni = &enis[pick as usize % enis.len()];
         let id = eni.network_interface_id().unwrap_or_default().to_string();
         if let Some(att) = eni.attachment().and_then(|a| a.attachment_id()) {
-            self.ec2
+            match self
+                .ec2
                 .detach_network_interface()
                 .attachment_id(att)
                 .send()
                 .await
-                .map_err(|e| ec2_err("out-of-band detach", e))?;
+            {
+                Ok(_) => {}
+                Err(e) if lost_race(&e) => {
+                    info!(eni = %id, error = %DisplayErrorContext(&e), "out-of-band detach lost a race with the controller");
+                    return Ok(None);
+                }
+                Err(e) => return Err(ec2_err("out-of-band detach", DisplayErrorContext(e))),
+            }
         }
-        self.ec2
+        match self
+            .ec2
             .delete_network_interface()
             .network_interface_id(&id)
             .send()
             .await
-            .map_err(|e| ec2_err("out-of-band delete", e))?;
-        Ok(Some(id))
+        {
+            Ok(_) => Ok(Some(id)),
+            Err(e) if lost_race(&e) => {
+                info!(eni = %id, error = %DisplayErrorContext(&e), "out-of-band delete lost a race with the controller");
+                Ok(None)
+            }
+            Err(e) => Err(ec2_err("out-of-band delete", DisplayErrorContext(e))),
+        }
     }
 
     async fn create_foreign_eni(
