@@ -149,6 +149,14 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
         metrics,
     );
     daemon.set_netdev_resource(cfg.netdev_resource().map(str::to_owned));
+    let reconcile_allocations = (!cfg.ipam_reconcile_period.is_zero()).then(|| {
+        tokio::spawn(daemon::reconcile_allocations(
+            client.clone(),
+            cfg.node_name.clone(),
+            cfg.state_dir.clone(),
+            cfg.ipam_reconcile_period,
+        ))
+    });
     let daemon_run = daemon::run(daemon, client, link_events, cfg.resync_period, shutdown);
     let mut plugin_done = false;
     let result = match device_plugin.as_mut() {
@@ -167,6 +175,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
         None => daemon_run.await,
     };
     plugin_shutdown.cancel();
+    if let Some(t) = reconcile_allocations {
+        t.abort();
+    }
     if let Some(plugin) = device_plugin.filter(|_| !plugin_done) {
         match tokio::time::timeout(PLUGIN_STOP_TIMEOUT, plugin).await {
             Ok(Ok(Ok(()))) => info!("device plugin stopped"),

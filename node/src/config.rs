@@ -74,6 +74,13 @@ pub struct Config {
           value_parser = humantime::parse_duration)]
     pub resync_period: Duration,
 
+    /// How often pod address allocations are checked against the pods the API server
+    /// still lists on this node; allocations of pods gone for two checks in a row are
+    /// freed (0s: never; CNI DEL and GC still free addresses).
+    #[arg(long, env = "ENI_MANAGER_IPAM_RECONCILE_PERIOD", default_value = "2m",
+          value_parser = humantime::parse_duration)]
+    pub ipam_reconcile_period: Duration,
+
     /// Address of the /healthz, /readyz and /metrics endpoints.
     #[arg(long, env = "ENI_MANAGER_METRICS_ADDR", default_value = "0.0.0.0:9101")]
     pub metrics_addr: SocketAddr,

@@ -766,6 +766,107 @@ pub async fn run(
     Ok(())
 }
 
+/// The periodic reconcile of pod address allocations against the pods that still exist
+/// (issue 17): every `period`, allocations of pods that the API server no longer lists on
+/// this node (deleted while the node was down, or whose DEL never came) are freed. The
+/// allocations are read before the pods are listed, so an ADD that lands meanwhile is
+/// never judged by an older list; an allocation is freed only when two passes in a row
+/// find its pod gone (a static pod's mirror pod may appear late). Allocations that name no
+/// pod are left to CNI DEL and GC. Needs `list` on pods (the node chart grants it).
+pub async fn reconcile_allocations(
+    client: Client,
+    node: String,
+    state_dir: PathBuf,
+    period: Duration,
+) {
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::all(client);
+    let params = kube::api::ListParams::default().fields(&format!("spec.nodeName={node}"));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut suspects: Vec<eni_state::alloc::Allocation> = Vec::new();
+    loop {
+        tick.tick().await;
+        let dir = state_dir.clone();
+        let snapshot = match tokio::task::spawn_blocking(move || {
+            eni_state::alloc::lock(&dir).map(|l| l.allocations.clone())
+        })
+        .await
+        {
+            Ok(Ok(a)) => a,
+            Ok(Err(e)) => {
+                warn!(error = %e, "allocation reconcile: cannot read the allocations");
+                continue;
+            }
+            Err(e) => {
+                warn!(error = %e, "allocation reconcile: task failed");
+                continue;
+            }
+        };
+        if snapshot.allocations.iter().all(|a| a.pod_name.is_empty()) {
+            suspects.clear();
+            continue;
+        }
+        let list = match pods.list(&params).await {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(error = %e, "allocation reconcile: cannot list this node's pods");
+                continue;
+            }
+        };
+        let live: Vec<pool::LivePod> = list
+            .items
+            .into_iter()
+            .map(|p| {
+                let m = p.metadata;
+                let mut uids: Vec<String> = m.uid.into_iter().collect();
+                if let Some(h) = m
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get("kubernetes.io/config.mirror"))
+                {
+                    uids.push(h.clone());
+                }
+                (
+                    m.namespace.unwrap_or_default(),
+                    m.name.unwrap_or_default(),
+                    uids,
+                )
+            })
+            .collect();
+        let orphans = pool::orphaned(&snapshot, &live);
+        let confirmed: Vec<_> = orphans
+            .iter()
+            .filter(|a| suspects.contains(a))
+            .cloned()
+            .collect();
+        suspects = orphans;
+        if confirmed.is_empty() {
+            continue;
+        }
+        let dir = state_dir.clone();
+        let freed = tokio::task::spawn_blocking(move || {
+            let mut l = eni_state::alloc::lock(&dir)?;
+            let gone = l.allocations.retain(|a| !confirmed.contains(a));
+            if !gone.is_empty() {
+                l.save()?;
+            }
+            Ok::<_, eni_state::Error>(gone)
+        })
+        .await;
+        match freed {
+            Ok(Ok(gone)) => {
+                for a in &gone {
+                    info!(address = %a.address, eni = %a.eni_id, pod = %format!("{}/{}", a.pod_namespace, a.pod_name),
+                          container = %a.container_id, "freed the address of a pod that no longer exists");
+                }
+                suspects.retain(|s| !gone.contains(s));
+            }
+            Ok(Err(e)) => warn!(error = %e, "allocation reconcile: cannot free"),
+            Err(e) => warn!(error = %e, "allocation reconcile: task failed"),
+        }
+    }
+}
+
 /// Keeps this node's report entries equal to the latest reports of the reconcile loop:
 /// after each new set of reports and after each NodeENI change (so an entry someone else
 /// removed is written again), and retries failed writes.

@@ -14,7 +14,7 @@ use std::net::Ipv4Addr;
 
 use eni_api::{AttachmentStatus, InterfaceIpam, NodeENI};
 use eni_state::PodPool;
-use eni_state::alloc::Allocations;
+use eni_state::alloc::{Allocation, Allocations};
 
 /// One ENI's pool as the controller published it for this node.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -122,10 +122,34 @@ pub fn plan(
     (pools, reports)
 }
 
+/// A pod on this node as the API server lists it: namespace, name, and the UIDs an
+/// allocation may have recorded for it (its own and, for a static pod's mirror pod, the
+/// static pod's, which the kubelet passes to CNI).
+pub type LivePod = (String, String, Vec<String>);
+
+/// Allocations of Kubernetes pods that no longer exist: the allocation names a pod
+/// (`podName` set) and no live pod has its namespace and name, or the pod with that name
+/// is another one (its UID differs from the recorded one). Allocations without a pod name
+/// (runtimes that do not say) are never orphaned here: CNI DEL and GC return those.
+pub fn orphaned(allocations: &Allocations, live: &[LivePod]) -> Vec<Allocation> {
+    allocations
+        .allocations
+        .iter()
+        .filter(|a| {
+            !a.pod_name.is_empty()
+                && !live.iter().any(|(ns, name, uids)| {
+                    *ns == a.pod_namespace
+                        && *name == a.pod_name
+                        && (a.pod_uid.is_empty() || uids.contains(&a.pod_uid))
+                })
+        })
+        .cloned()
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use eni_state::alloc::Allocation;
 
     #[test]
     fn gateway_is_the_vpc_router() {
@@ -189,5 +213,46 @@ mod tests {
         assert_eq!(r.released, ["10.0.1.22", "10.0.1.48/28"]);
         assert_eq!(r.in_use, ["10.0.1.20", "10.0.1.21", "10.0.1.40"]);
         assert_eq!(r.pool, ["10.0.1.20"]);
+    }
+
+    #[test]
+    fn orphaned_allocations_are_those_of_pods_gone_or_replaced() {
+        let alloc = |address: &str, ns: &str, name: &str, uid: &str| Allocation {
+            eni_id: "eni-1".into(),
+            address: address.into(),
+            container_id: format!("c-{address}"),
+            if_name: "net1".into(),
+            network: "vpc".into(),
+            pod_namespace: ns.into(),
+            pod_name: name.into(),
+            pod_uid: uid.into(),
+        };
+        let allocations = Allocations {
+            allocations: vec![
+                alloc("10.0.1.20", "default", "alive", "u1"),
+                alloc("10.0.1.21", "default", "gone", "u2"),
+                alloc("10.0.1.22", "default", "recreated", "old-uid"),
+                alloc("10.0.1.23", "default", "no-uid", ""),
+                alloc("10.0.1.24", "", "", ""),
+                alloc("10.0.1.25", "kube-system", "static", "config-hash"),
+                alloc("10.0.1.26", "other", "alive", "u1"),
+            ],
+            ..Allocations::default()
+        };
+        let live: Vec<LivePod> = vec![
+            ("default".into(), "alive".into(), vec!["u1".into()]),
+            ("default".into(), "recreated".into(), vec!["new-uid".into()]),
+            ("default".into(), "no-uid".into(), vec!["u3".into()]),
+            (
+                "kube-system".into(),
+                "static".into(),
+                vec!["mirror-uid".into(), "config-hash".into()],
+            ),
+        ];
+        let gone: Vec<String> = orphaned(&allocations, &live)
+            .into_iter()
+            .map(|a| a.address)
+            .collect();
+        assert_eq!(gone, ["10.0.1.21", "10.0.1.22", "10.0.1.26"]);
     }
 }

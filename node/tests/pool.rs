@@ -192,3 +192,112 @@ async fn pool_in_state_file_usage_reported_release_only_when_free() {
         "the node daemon never talks to EC2"
     );
 }
+
+/// The periodic reconcile of allocations against the pods that still exist: addresses
+/// held for pods the API server no longer lists on this node (deleted while the node was
+/// down, or replaced by a pod of the same name) are freed; those of live pods and those
+/// that name no pod (left to CNI DEL and GC) stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "integration: needs root and kube-apiserver (make test-integration)"]
+async fn allocations_of_pods_that_no_longer_exist_are_freed() {
+    use k8s_openapi::api::core::v1::Pod;
+    let server = ApiServer::shared().await.expect("start kube-apiserver");
+    let client = server.install_crd(&crd()).await.expect("install the CRD");
+    let ns = Netns::new("podrec");
+    let node = format!("test-node-{}", ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let mut uids = Vec::new();
+    for name in ["alive", "replaced"] {
+        let p: Pod = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": format!("{name}-{}", ns.name)},
+            "spec": {"nodeName": node, "containers": [{"name": "c", "image": "busybox"}]},
+        }))
+        .expect("pod");
+        let p = pods
+            .create(&PostParams::default(), &p)
+            .await
+            .expect("create pod");
+        uids.push(p.metadata.uid.expect("uid"));
+    }
+    // A pod of another node with the name of a gone one: it does not count.
+    let other: Pod = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": format!("gone-{}", ns.name)},
+        "spec": {"nodeName": "another-node", "containers": [{"name": "c", "image": "busybox"}]},
+    }))
+    .expect("pod");
+    pods.create(&PostParams::default(), &other)
+        .await
+        .expect("create pod");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state_dir = dir.path().join("state");
+    std::fs::create_dir_all(&state_dir).expect("state dir");
+    {
+        let mut l = eni_state::alloc::lock(&state_dir).expect("lock");
+        for (container, address, pod, uid) in [
+            ("c-alive", "10.40.1.10", "alive", uids[0].as_str()),
+            ("c-gone", "10.40.1.11", "gone", "u-gone"),
+            ("c-replaced", "10.40.1.12", "replaced", "the-old-uid"),
+            ("c-anonymous", "10.40.1.13", "", ""),
+        ] {
+            l.allocations.allocations.push(Allocation {
+                eni_id: ENI.into(),
+                address: address.into(),
+                container_id: container.into(),
+                if_name: "net1".into(),
+                network: "vpc".into(),
+                pod_namespace: if pod.is_empty() { "" } else { "default" }.into(),
+                pod_name: if pod.is_empty() {
+                    String::new()
+                } else {
+                    format!("{pod}-{}", ns.name)
+                },
+                pod_uid: uid.into(),
+            });
+        }
+        l.save().expect("save allocations");
+    }
+    let mut mgr = Manager::start(
+        &server.kubeconfig,
+        &node,
+        &ns.path(),
+        dir.path(),
+        &["--ipam-reconcile-period", "1s"],
+    );
+    mgr.wait_ready(Duration::from_secs(30));
+    let held = |dir: &std::path::Path| -> Vec<String> {
+        eni_state::alloc::lock(dir)
+            .expect("lock")
+            .allocations
+            .allocations
+            .iter()
+            .map(|a| a.container_id.clone())
+            .collect()
+    };
+    let left = eventually(Duration::from_secs(30), || {
+        let h = held(&state_dir);
+        async move { (h.len() == 2).then_some(h) }
+    })
+    .await
+    .unwrap_or_else(|| {
+        panic!(
+            "allocations not reconciled: {:?}\nlog:\n{}",
+            held(&state_dir),
+            mgr.log_text()
+        )
+    });
+    assert_eq!(left, ["c-alive", "c-anonymous"]);
+    assert!(
+        mgr.log_text()
+            .contains("freed the address of a pod that no longer exists"),
+        "{}",
+        mgr.log_text()
+    );
+    for name in ["alive", "replaced", "gone"] {
+        let _ = pods
+            .delete(&format!("{name}-{}", ns.name), &Default::default())
+            .await;
+    }
+}

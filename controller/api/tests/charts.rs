@@ -10,7 +10,8 @@
 //! * the READMEs' values tables are what helm-docs generates from the values comments;
 //! * RBAC: the rendered objects really applied, then the charts' ServiceAccounts
 //!   impersonated: the controller can do what it calls and cannot exec into or delete pods;
-//!   the node daemon can write NodeENI status but cannot change, or delete, a NodeENI.
+//!   the node daemon can write NodeENI status but cannot change, or delete, a NodeENI, and
+//!   may list pods (its allocation reconcile) but not get, watch or change them.
 //!
 //! That the chart's CRD equals the one generated from the Rust types is checked by the
 //! unit test `crd::tests::committed_crd_matches_the_types` in this crate.
@@ -895,7 +896,19 @@ async fn node_service_account_writes_status_but_cannot_change_nodeenis() {
                 false,
             ),
             ("patch", "", "nodes", None, None, Some("n"), false),
-            ("list", "", "pods", None, None, None, false),
+            // The allocation reconcile lists its node's pods; nothing more on pods.
+            ("list", "", "pods", None, None, None, true),
+            ("get", "", "pods", None, Some(NAMESPACE), Some("p"), false),
+            ("watch", "", "pods", None, None, None, false),
+            (
+                "delete",
+                "",
+                "pods",
+                None,
+                Some(NAMESPACE),
+                Some("p"),
+                false,
+            ),
             (
                 "create",
                 "",

@@ -330,6 +330,9 @@ impl IpamWorld {
             "--metrics-addr".into(),
             "127.0.0.1:0".into(),
             "--device-plugin=false".into(),
+            // The soak's pods are not API objects: the reconcile against the pods the API
+            // server lists would free every allocation (node/tests/pool.rs tests it).
+            "--ipam-reconcile-period=0s".into(),
         ];
         let child = Child::spawn("eni-manager", Path::new("/usr/bin/env"), &args, &log)?;
         info!(pid = child.pid(), log = %log.display(), "node daemon started");
