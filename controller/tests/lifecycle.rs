@@ -64,6 +64,7 @@ spec:
         assert_eq!(a.device_index, 2);
         assert_eq!(a.subnet_id, subnet);
         assert_eq!(a.subnet_cidr.as_deref(), Some("10.0.1.0/24"));
+        assert_eq!(a.vpc_id.as_deref(), Some(w.vpc.as_str()));
         assert_eq!(a.mtu, Some(9001));
         assert!(
             a.mac_address.as_deref().is_some_and(|m| m.len() == 17),

@@ -97,7 +97,7 @@ pub fn details_from_nodeenis<'a>(
                 EniDetails {
                     node_eni: name.to_owned(),
                     subnet_id: Some(a.subnet_id.clone()).filter(|s| !s.is_empty()),
-                    vpc_id: None,
+                    vpc_id: a.vpc_id.clone().filter(|v| !v.is_empty()),
                     mtu: Some(mtu),
                     ips,
                 },
@@ -214,8 +214,10 @@ mod tests {
         let mut other_mtu = attachment("n1", "eni-b", "Attached");
         other_mtu.mtu = Some(9001);
         other_mtu.subnet_cidr = None;
+        let mut with_vpc = attachment("n1", "eni-a", "Attached");
+        with_vpc.vpc_id = Some("vpc-0123".into());
         let nes = [
-            nodeeni("a", vec![attachment("n1", "eni-a", "Attached")]),
+            nodeeni("a", vec![with_vpc]),
             nodeeni(
                 "b",
                 vec![
@@ -232,7 +234,7 @@ mod tests {
             EniDetails {
                 node_eni: "a".into(),
                 subnet_id: Some("subnet-1".into()),
-                vpc_id: None,
+                vpc_id: Some("vpc-0123".into()),
                 mtu: Some(1500),
                 ips: vec!["10.0.1.5/24".into()],
             }

@@ -112,6 +112,9 @@ pub struct ENIAttachment {
         skip_serializing_if = "Option::is_none"
     )]
     pub subnet_cidr: Option<String>,
+    /// VPC of the subnet (the DRA driver publishes it as a device attribute).
+    #[serde(rename = "vpcID", default, skip_serializing_if = "Option::is_none")]
+    pub vpc_id: Option<String>,
     /// Device index on the instance.
     #[serde(default)]
     pub device_index: i32,

@@ -236,6 +236,7 @@ pub(super) fn build_status<E: Ec2>(
                 .unwrap_or_default(),
             subnet_id: subnet.to_string(),
             subnet_cidr: outcome.subnets.get(subnet).map(|s| s.cidr.clone()),
+            vpc_id: outcome.subnets.get(subnet).map(|s| s.vpc_id.clone()),
             device_index: index,
             network_card_index: Some(0),
             mtu: obj.spec.mtu,

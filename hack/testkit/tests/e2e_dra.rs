@@ -49,6 +49,13 @@ async fn demo_dra_flow_on_real_kubelets() {
         let a = &devices[0]["attributes"];
         assert_eq!(a["nodeENI"]["string"], "multus-dpdk", "{a}");
         assert_eq!(a["driver"]["string"], "vfio-pci", "{a}");
+        // Written into the NodeENI status by the controller, from the subnet's VPC.
+        assert!(
+            a["vpcID"]["string"]
+                .as_str()
+                .is_some_and(|v| v.starts_with("vpc-")),
+            "{a}"
+        );
         let n = demo.kubectl_json(&["get", "node", node]).expect("node");
         assert!(
             n["status"]["capacity"]["intel.com/intel_sriov_netdevice"].is_null()
