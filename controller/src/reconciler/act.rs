@@ -72,11 +72,10 @@ pub(super) async fn execute_pass<E: Ec2>(
     slots: &[(Slot, Settings)],
     held: &Held,
     outcome: &mut Outcome,
+    tokens: &Mutex<BTreeMap<SlotKey, String>>,
 ) -> Plan {
     let name = obj.name_any();
     let first = current_plan(ctx, &name, slots, held);
-    let tokens = Mutex::new(std::mem::take(&mut outcome.tokens));
-    let tokens = &tokens;
 
     // Slot chains.
     let slot_jobs: Vec<(Slot, Settings)> = first
@@ -120,8 +119,6 @@ pub(super) async fn execute_pass<E: Ec2>(
             .flatten()
             .map(|e| (e.node, e.message, e.reason)),
     );
-    outcome.tokens = std::mem::take(&mut *lock(tokens));
-
     current_plan(ctx, &name, slots, held)
 }
 

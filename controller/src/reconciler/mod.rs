@@ -13,7 +13,7 @@ mod pool;
 mod report;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use eni_api::{ENIAttachment, FINALIZER, NodeENI};
@@ -240,9 +240,11 @@ async fn reconcile_inner<E: Ec2>(obj: Arc<NodeENI>, ctx: &Context<E>) -> Result<
     }
 
     // Act, reporting progress while a long pass runs.
+    // The chains replace a token EC2 refuses; progress reports show the current ones.
+    let tokens = Mutex::new(std::mem::take(&mut outcome.tokens));
     let plan = {
         let interim = outcome.interim();
-        let pass = execute_pass(ctx, &obj, slots, &observed.held, &mut outcome);
+        let pass = execute_pass(ctx, &obj, slots, &observed.held, &mut outcome, &tokens);
         tokio::pin!(pass);
         let mut tick = tokio::time::interval(ctx.config.status_interval);
         tick.tick().await;
@@ -252,7 +254,9 @@ async fn reconcile_inner<E: Ec2>(obj: Arc<NodeENI>, ctx: &Context<E>) -> Result<
                 _ = tick.tick() => {
                     // Bulk provisioning takes minutes at EC2's rate: report progress.
                     let progress = current_plan(ctx, &name, slots, &observed.held);
-                    match write_status(ctx, &api, &obj, last.as_ref(), Some(&progress), &interim).await {
+                    let mut now = interim.interim();
+                    now.tokens = lock(&tokens).clone();
+                    match write_status(ctx, &api, &obj, last.as_ref(), Some(&progress), &now).await {
                         Ok(Some(o)) => last = Some(o),
                         Ok(None) => {}
                         Err(e) => debug!(error = %e, "interim status"),
@@ -261,6 +265,7 @@ async fn reconcile_inner<E: Ec2>(obj: Arc<NodeENI>, ctx: &Context<E>) -> Result<
             }
         }
     };
+    outcome.tokens = tokens.into_inner().unwrap_or_else(|e| e.into_inner());
 
     debug!("pass done");
     // Blocked slots wait for someone else's ENI to go: look at their instances afresh
