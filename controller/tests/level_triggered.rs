@@ -208,7 +208,10 @@ async fn token_sent_with_other_settings_is_replaced() {
         .clone()
         .expect("token");
     // EC2 records the token with other settings (as when a create took effect, its
-    // answer was lost, and the spec changed before the next try).
+    // answer was lost, and the spec changed before the next try). The controller is
+    // down meanwhile, so none of its retries can use the token first; the next one
+    // finds the token in status.
+    w.stop_controller().await;
     let faults = w.faults.as_ref().expect("faults");
     faults.update_config(|c| c.rules.clear());
     common::ec2_client(&w.controller_endpoint())
@@ -219,6 +222,7 @@ async fn token_sent_with_other_settings_is_replaced() {
         .send()
         .await
         .expect("create with the token");
+    w.start_controller(&[]);
     let done = w.wait_for("mismatch", "Ready", ready).await;
     assert_ne!(
         attachments(&done)[0].client_token.as_deref(),
