@@ -107,8 +107,7 @@ where
             }
         }
     });
-    let mut rx = rx;
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+    crate::tokio_stream_from(rx)
 }
 
 #[cfg(test)]
@@ -195,9 +194,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_stream_emits_after_the_quiet_period() {
         let (tx, rx) = mpsc::unbounded_channel();
-        let mut rx = rx;
-        let input = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
-        let mut out = Box::pin(coalesced(input, Q, MAX));
+        let mut out = Box::pin(coalesced(crate::tokio_stream_from(rx), Q, MAX));
         let start = Instant::now();
         tx.send(1).expect("receiver alive");
         tx.send(1).expect("receiver alive");

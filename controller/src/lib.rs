@@ -281,26 +281,11 @@ pub async fn run_with<E: Ec2>(
         .default_backoff()
         .reflect(nodeeni_writer)
         .applied_objects()
-        .filter_map(|res| async move {
-            match res {
-                Ok(n) => Some(ObjectRef::from_obj(&n)),
-                Err(e) => {
-                    warn!(error = %e, "watching NodeENIs");
-                    None
-                }
-            }
-        });
+        .filter_map(|res| logged_watch_error(res, "watching NodeENIs"))
+        .map(|n| ObjectRef::from_obj(&n));
     let mapper_store = nodeeni_store.clone();
     let node_triggers = tasks::node_changes(node_events)
-        .filter_map(|res| async move {
-            match res {
-                Ok(node) => Some(node),
-                Err(e) => {
-                    warn!(error = %e, "watching Nodes");
-                    None
-                }
-            }
-        })
+        .filter_map(|res| logged_watch_error(res, "watching Nodes"))
         .flat_map(move |node| {
             // A Node change concerns the NodeENIs that select it now or have ENIs on it.
             let name = node.name_any();
@@ -364,7 +349,22 @@ pub async fn cluster_identity(client: &Client) -> Result<String, Error> {
         .ok_or_else(|| Error::Config("the kube-system namespace has no UID".into()))
 }
 
-fn tokio_stream_from<T: Send + 'static>(
+/// The object of a watch event; a watch error is logged (the watcher backs off and
+/// retries on its own) and dropped.
+fn logged_watch_error<K>(
+    res: Result<K, watcher::Error>,
+    what: &'static str,
+) -> std::future::Ready<Option<K>> {
+    std::future::ready(match res {
+        Ok(k) => Some(k),
+        Err(e) => {
+            warn!(error = %e, "{what}");
+            None
+        }
+    })
+}
+
+pub(crate) fn tokio_stream_from<T: Send + 'static>(
     mut rx: mpsc::UnboundedReceiver<T>,
 ) -> impl futures::Stream<Item = T> + Send {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
