@@ -165,16 +165,35 @@ fn ec2_err(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Ec2(format!("{what}: {e}"))
 }
 
-/// An out-of-band change that lost a race with the controller: the attachment or the ENI
-/// it listed a moment ago is already gone or on its way (the op was not applied).
-fn lost_race<E: ProvideErrorMetadata>(e: &aws_sdk_ec2::error::SdkError<E>) -> bool {
-    e.as_service_error()
+/// Whether an out-of-band change took effect: `false` when it lost a race with the
+/// controller (the attachment or ENI it listed a moment ago is already gone or on its
+/// way: `*.NotFound`, `IncorrectState`, `InvalidNetworkInterface.InUse`), an error for
+/// anything else.
+fn applied<T, E>(
+    res: Result<T, aws_sdk_ec2::error::SdkError<E>>,
+    what: &str,
+    eni: &str,
+) -> Result<bool, Error>
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    let Err(e) = res else {
+        return Ok(true);
+    };
+    let lost_race = e
+        .as_service_error()
         .and_then(|s| s.code())
         .is_some_and(|c| {
             c.ends_with(".NotFound")
                 || c == "IncorrectState"
                 || c == "InvalidNetworkInterface.InUse"
-        })
+        });
+    if lost_race {
+        info!(%eni, error = %DisplayErrorContext(&e), "{what} lost a race with the controller");
+        Ok(false)
+    } else {
+        Err(ec2_err(what, DisplayErrorContext(e)))
+    }
 }
 
 impl World {
@@ -843,19 +862,14 @@ impl World {
             .attachment()
             .and_then(|a| a.attachment_id())
             .unwrap_or_default();
-        match self
+        let res = self
             .ec2
             .detach_network_interface()
             .attachment_id(att)
             .send()
-            .await
-        {
-            Ok(_) => {}
-            Err(e) if lost_race(&e) => {
-                info!(eni = %id, error = %DisplayErrorContext(&e), "out-of-band detach lost a race with the controller");
-                return Ok(None);
-            }
-            Err(e) => return Err(ec2_err("out-of-band detach", DisplayErrorContext(e))),
+            .await;
+        if !applied(res, "out-of-band detach", &id)? {
+            return Ok(None);
         }
         *self.model.oob_detaches.entry(id.clone()).or_default() += 1;
         Ok(Some(id))
@@ -870,35 +884,23 @@ impl World {
         let eni = &enis[pick as usize % enis.len()];
         let id = eni.network_interface_id().unwrap_or_default().to_string();
         if let Some(att) = eni.attachment().and_then(|a| a.attachment_id()) {
-            match self
+            let res = self
                 .ec2
                 .detach_network_interface()
                 .attachment_id(att)
                 .send()
-                .await
-            {
-                Ok(_) => {}
-                Err(e) if lost_race(&e) => {
-                    info!(eni = %id, error = %DisplayErrorContext(&e), "out-of-band detach lost a race with the controller");
-                    return Ok(None);
-                }
-                Err(e) => return Err(ec2_err("out-of-band detach", DisplayErrorContext(e))),
+                .await;
+            if !applied(res, "out-of-band detach", &id)? {
+                return Ok(None);
             }
         }
-        match self
+        let res = self
             .ec2
             .delete_network_interface()
             .network_interface_id(&id)
             .send()
-            .await
-        {
-            Ok(_) => Ok(Some(id)),
-            Err(e) if lost_race(&e) => {
-                info!(eni = %id, error = %DisplayErrorContext(&e), "out-of-band delete lost a race with the controller");
-                Ok(None)
-            }
-            Err(e) => Err(ec2_err("out-of-band delete", DisplayErrorContext(e))),
-        }
+            .await;
+        Ok(applied(res, "out-of-band delete", &id)?.then_some(id))
     }
 
     async fn create_foreign_eni(
